@@ -1,0 +1,1 @@
+"""Corpus readers, tokenization into the token store, packing and the resumable loader."""
