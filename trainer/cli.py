@@ -50,7 +50,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         if name == chosen:
             module = importlib.import_module(module_name)
             getattr(module, f"configure_{name}")(p)
-            p.set_defaults(_run=getattr(module, f"run_{name}"))
+            p.set_defaults(_run=getattr(module, f"run_{name}"), _parser=p)
     return parser
 
 
