@@ -9,6 +9,7 @@ import argparse
 import importlib
 
 BENCHMARKS = {
+    "model": "forward + backward of a model preset on packed rows: tokens/s, MFU, memory, bf16 vs fp32 logits",
     "optimizer": "fused EWC-AdamW step vs torch AdamW, the reference study's loss penalty, foreach composition",
     "train": "training tokens/s, MFU and memory: our trainer vs transformers with loss-based EWC",
     "data": "tokenization and packing/loading throughput vs raw SentencePiece and memory copy",

@@ -1,0 +1,24 @@
+"""bench/gpu_check.sh in its CPU dry-run mode: every part runs and the result files are written."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT
+
+
+def test_gpu_check_dry_run_writes_results(tmp_path):
+    proc = subprocess.run(["bash", str(REPO_ROOT / "bench" / "gpu_check.sh"), "--dry-run", "--results-dir",
+                           str(tmp_path)], env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (json_file,) = tmp_path.glob("*-dryrun.json")
+    (md_file,) = tmp_path.glob("*-dryrun.md")
+    payload = json.loads(json_file.read_text())
+    assert [p["status"] for p in payload["parts"]] == ["ok"] * len(payload["parts"])
+    assert {"gpu-tests", "model-2b"} <= {p["part"] for p in payload["parts"]}
+    model = next(p for p in payload["parts"] if p["part"] == "model-2b")
+    assert model["tokens_per_s"] > 0 and 0 < model["mfu"] < 1
+    table = md_file.read_text()
+    assert "| model-2b | ok |" in table
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("results: ")
