@@ -38,6 +38,13 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _not_built(name: str):
+    def run(args: argparse.Namespace) -> int:
+        raise UserError(f"'{name}' is not built yet in this version (see the status table in README.md)")
+
+    return run
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = _Parser(prog="gemma-ewc", description=__doc__.split("\n\n")[0])
     from trainer import __version__
@@ -48,7 +55,13 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
-            module = importlib.import_module(module_name)
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:
+                if exc.name != module_name:
+                    raise
+                p.set_defaults(_run=_not_built(name))
+                continue
             getattr(module, f"configure_{name}")(p)
             p.set_defaults(_run=getattr(module, f"run_{name}"), _parser=p)
     return parser
