@@ -37,7 +37,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from trainer.data.packing import BATCH_KEYS, IGNORE_INDEX, EpochLayout, epoch_layout, pack_rows
+from trainer.data.packing import BATCH_KEYS, IGNORE_INDEX, EpochLayout, epoch_layout, pack_range, pack_rows
 from trainer.data.store import TokenStore
 from trainer.errors import UserError
 
@@ -144,8 +144,10 @@ class _Plan:
         S = self.seq_len
         if len(self.stores) == 1 and (self.total_slots is None or first_slot + count <= self.total_slots):
             e0, q0 = divmod(first_slot, self.rows_per_epoch[0])
-            if q0 + count <= self.rows_per_epoch[0]:  # the common case: one store, one epoch
-                return self._pack(0, e0, np.arange(q0, q0 + count, dtype=np.int64))
+            layout, row_perm = self.layout(0, e0)
+            if q0 + count <= self.rows_per_epoch[0] and row_perm is None:  # the usual batch: consecutive rows
+                return pack_range(self.stores[0], layout, q0, count, bos_id=self.bos_id, eos_id=self.eos_id,
+                                  pad_id=self.pad_id)
         slots = np.arange(first_slot, first_slot + count, dtype=np.int64)
         live = slots if self.total_slots is None else slots[slots < self.total_slots]
         store, j = self.locate(live)

@@ -17,20 +17,23 @@ Per row, all int64 [rows, S] (the `Batch` contract):
   So every token of every non-empty document appears exactly once per epoch, in order; empty documents
   contribute nothing (they are skipped, not packed as a bare BOS, EOS).
 
-Rows are built per call for any set of row numbers (the loader asks for a batch at a time), vectorized: the
-segments a row touches are found with searchsorted and each row is assembled by one `np.concatenate` of views
-into the token shards, so the work is a few memory passes per token and a little per document piece.
+Rows are built per call for any set of row numbers (the loader asks for a batch at a time), vectorized, with no
+Python work per token: the segments a window of the stream touches are found with searchsorted, the tokens are
+gathered by one `b"".join` of memoryviews into the token shards (per piece far cheaper than np.concatenate),
+and the three outputs are a few whole-array passes (two casting copies, a repeat, one scatter). Consecutive rows
+(the loader's usual batch) are one window; `pack_documents_ref` spells the same result out token by token.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import threading
+import functools
 from typing import Sequence
 
 import numpy as np
 
 IGNORE_INDEX = -100
+TOKEN_DTYPE = np.dtype("<u4")
 BATCH_KEYS = ("input_ids", "labels", "position_ids")
 
 
@@ -99,15 +102,9 @@ def _arange(n: int) -> np.ndarray:
     return _aranges[0][:n]
 
 
-_scratch_local = threading.local()
-
-
-def _scratch(n: int) -> np.ndarray:
-    """A reused uint32 buffer for the token stream of a call (fresh memory costs page faults every time)."""
-    buf = getattr(_scratch_local, "buf", None)
-    if buf is None or len(buf) < n:
-        buf = _scratch_local.buf = np.empty(max(n, 1 << 16), dtype=np.uint32)
-    return buf[:n]
+@functools.lru_cache(maxsize=64)
+def _token_bytes(token: int) -> bytes:
+    return np.array([token], dtype=TOKEN_DTYPE).tobytes()
 
 
 def _run_length(rows: np.ndarray) -> int:
@@ -115,7 +112,7 @@ def _run_length(rows: np.ndarray) -> int:
     n = len(rows)
     if n <= 1:
         return n
-    step_ok = np.diff(rows) == 1
+    step_ok = rows[1:] - rows[:-1] == 1
     if step_ok.all():
         return n
     breaks = np.flatnonzero(~step_ok) + 1
@@ -125,23 +122,37 @@ def _run_length(rows: np.ndarray) -> int:
     return 1
 
 
-def _content_views(src: TokenSource, g_lo: np.ndarray, g_hi: np.ndarray) -> list[np.ndarray]:
-    """Views of global token ranges [g_lo[i], g_hi[i]) (each inside one shard)."""
-    if len(src.shards) == 1:
-        shard = src.shards[0]
+def _shard_views(src: TokenSource) -> list[memoryview]:
+    views = getattr(src, "_memoryviews", None)
+    if views is None:
+        views = [memoryview(np.ascontiguousarray(s, dtype=TOKEN_DTYPE)) for s in src.shards]
+        try:
+            object.__setattr__(src, "_memoryviews", views)
+        except AttributeError:
+            pass
+    return views
+
+
+def _content_views(src: TokenSource, g_lo: np.ndarray, g_hi: np.ndarray) -> list[memoryview]:
+    """Views of global token ranges [g_lo[i], g_hi[i]) (each inside one shard), as memoryviews.
+
+    The pieces are joined with b"".join: per piece it costs a fraction of np.concatenate's overhead, which
+    dominates for documents of a few hundred tokens."""
+    views = _shard_views(src)
+    if len(views) == 1:
+        shard = views[0]
         return [shard[x:y] for x, y in zip(g_lo.tolist(), g_hi.tolist())]
     j = np.searchsorted(src.shard_starts, g_lo, side="right") - 1
     base = src.shard_starts[j]
-    shards = src.shards
-    return [shards[s][x:y] for s, x, y in zip(j.tolist(), (g_lo - base).tolist(), (g_hi - base).tolist())]
+    return [views[s][x:y] for s, x, y in zip(j.tolist(), (g_lo - base).tolist(), (g_hi - base).tolist())]
 
 
 def _pack_run(src: TokenSource, layout: EpochLayout, first_row: int, B: int, bos_id: int, eos_id: int,
               out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """`pack_rows` for B consecutive rows that end inside the stream (no padding): the loader's usual batch.
 
-    Same result as the general path, with fewer array operations: only the window's first segment can start
-    before it and only its last can end after it, so the pieces are plain slices of the layout.
+    Same result as the general path with far fewer array operations (their fixed cost dominates a batch): the
+    window [a, stop) meets segments k0..k1-1 and only the first can start before it, only the last end after it.
     """
     S = layout.seq_len
     seg = layout.seg_starts
@@ -150,37 +161,41 @@ def _pack_run(src: TokenSource, layout: EpochLayout, first_row: int, B: int, bos
     stop = a + n_out + 1  # the window holds one token more than the rows, for the last label
     k0 = int(seg.searchsorted(a, side="right")) - 1
     k1 = int(seg.searchsorted(stop - 1, side="right"))  # one past the last segment touched
-    s0 = seg[k0:k1]
+    s_all = seg[k0:k1 + 1]
+    s0 = s_all[:-1]
+    seg_len = s_all[1:] - s0  # document + BOS + EOS
     doc_start = src.doc_offsets[layout.order[k0:k1]]
-    g_lo = doc_start.copy()
-    g_hi = doc_start + (seg[k0 + 1:k1 + 1] - s0 - 2)
-    n = k1 - k0
-    # the first segment may start before the window, the last end after it (offsets: 0 BOS, 1..len, len+1 EOS)
-    first_off = a - int(s0[0])
-    last_end = stop - int(s0[-1])  # offsets [0, last_end) of the last segment are inside
-    g_lo[0] += max(first_off - 1, 0)
-    g_hi[-1] = min(int(g_hi[-1]), int(doc_start[-1]) + last_end - 1)
-    if n == 1:
-        g_hi[0] = max(int(g_hi[0]), int(g_lo[0]))
-    bos = np.array([bos_id], np.uint32)
-    eos = np.array([eos_id], np.uint32)
+    starts, lens = doc_start.tolist(), seg_len.tolist()
+    n = len(lens)
+    bos, eos = _token_bytes(bos_id), _token_bytes(eos_id)
     parts = [bos, None, eos] * n
-    parts[1::3] = _content_views(src, g_lo, g_hi)
-    if first_off > 0:
-        parts[0] = bos[:0]
-    if last_end < int(seg[k1] - s0[-1]):  # the last segment's EOS is past the window
-        parts[-1] = eos[:0]
-    stream = _scratch(n_out + 1)
-    np.concatenate(parts, out=stream)
+    views = _shard_views(src)
+    if len(views) == 1:
+        mv = views[0]
+        parts[1::3] = [mv[x:x + m - 2] for x, m in zip(starts, lens)]
+        shard_of = [0] * n
+        base = [0] * n
+    else:
+        j = np.searchsorted(src.shard_starts, doc_start, side="right") - 1
+        shard_of, base = j.tolist(), src.shard_starts[j].tolist()
+        parts[1::3] = [views[sh][x - b:x - b + m - 2] for sh, b, x, m in zip(shard_of, base, starts, lens)]
+    for i in {0, n - 1}:  # the end pieces may be cut by the window (segment offsets: 0 BOS, 1..len, len+1 EOS)
+        s_i, m, x = int(s_all[i]), lens[i], starts[i] - base[i]
+        o_lo, o_hi = max(a - s_i, 0), min(stop - s_i, m)
+        c_lo = max(o_lo, 1) - 1
+        c_hi = max(min(o_hi, m - 1) - 1, c_lo)
+        parts[3 * i] = bos if o_lo == 0 else b""
+        parts[3 * i + 1] = views[shard_of[i]][x + c_lo:x + c_hi]
+        parts[3 * i + 2] = eos if o_hi == m else b""
+    stream = np.frombuffer(b"".join(parts), dtype=TOKEN_DTYPE)
+    assert len(stream) == n_out + 1
     inputs, labels = out["input_ids"], out["labels"]
     np.copyto(inputs.reshape(-1), stream[:-1], casting="safe")
     np.copyto(labels.reshape(-1), stream[1:], casting="safe")
-    # position = stream position - start of its segment
-    lengths = np.empty(n, dtype=np.int64)
-    lengths[:-1] = s0[1:] - s0[:-1]
-    lengths[0] -= first_off
-    lengths[-1] = n_out - (int(s0[-1]) - a if n > 1 else 0)
-    positions = np.repeat(a - s0, lengths)
+    # position = stream position - start of its segment; seg_len becomes each piece's length among the outputs
+    seg_len[0] -= a - int(s_all[0])
+    seg_len[-1] = n_out - (int(s_all[-2]) - a if n > 1 else 0)
+    positions = np.repeat(a - s0, seg_len)
     positions += _arange(n_out)
     if "position_ids" in out:
         out["position_ids"][...] = positions.reshape(B, S)
@@ -241,17 +256,14 @@ def pack_rows(source, layout: EpochLayout, rows: np.ndarray | Sequence[int], *, 
     g_lo = doc_start + np.maximum(o_lo, 1) - 1
     g_hi = doc_start + np.minimum(hi - s0, length + 1) - 1
 
-    # Tokens: one concatenate of views into the shards (uint32: no cast per piece), BOS / EOS arrays around them.
+    # Tokens: one join of views into the shards, the BOS / EOS bytes around them.
     content = _content_views(src, g_lo, g_hi)
-    bos = np.array([bos_id], np.uint32)
-    eos = np.array([eos_id], np.uint32)
-    nothing = bos[:0]
     choice = np.empty(2, dtype=object)
-    choice[:] = [nothing, bos]
+    choice[:] = [b"", _token_bytes(bos_id)]
     token_parts = np.empty(3 * n_pieces, dtype=object)
     token_parts[0::3] = choice[has_bos.view(np.int8)]
     token_parts[1::3] = content
-    choice[1] = eos
+    choice[1] = _token_bytes(eos_id)
     token_parts[2::3] = choice[has_eos.view(np.int8)]
     token_parts = token_parts.tolist()
 
@@ -265,15 +277,15 @@ def pack_rows(source, layout: EpochLayout, rows: np.ndarray | Sequence[int], *, 
     pad_wins = np.flatnonzero(pad_len)
     if len(pad_wins):
         for w in reversed(pad_wins.tolist()):
-            token_parts.insert(3 * int(first_piece[w] + counts[w]), np.full(int(pad_len[w]), pad_id, np.uint32))
+            token_parts.insert(3 * int(first_piece[w] + counts[w]), _token_bytes(pad_id) * int(pad_len[w]))
         first_pad = (end - a)[pad_wins]
         pad_at = pad_wins * (win - 1) + first_pad
         place = np.searchsorted(out_at, pad_at)
         out_at = np.insert(out_at, place, pad_at)
         pos_delta = np.insert(pos_delta, place, -pad_at)
         out_len = np.insert(out_len, place, np.maximum(win - 1 - first_pad, 0))
-    stream = _scratch(W * win)
-    np.concatenate(token_parts, out=stream)
+    stream = np.frombuffer(b"".join(token_parts), dtype=TOKEN_DTYPE)
+    assert len(stream) == W * win
     positions_flat = np.repeat(pos_delta, np.maximum(out_len, 0))
     positions_flat += _arange(B * S)
     for w in pad_wins.tolist():  # padding restarts at 0 in every row, so all-padding rows look alike
@@ -299,6 +311,15 @@ def pack_rows(source, layout: EpochLayout, rows: np.ndarray | Sequence[int], *, 
         first_pad = int(end[w] - a[w])
         flat_labels[w * (win - 1) + max(first_pad - 1, 0):(w + 1) * (win - 1)] = IGNORE_INDEX
     return out
+
+
+def pack_range(source, layout: EpochLayout, start: int, count: int, *, bos_id: int, eos_id: int,
+               pad_id: int) -> dict[str, np.ndarray]:
+    """`pack_rows` of rows start, start + 1, ..., start + count - 1 (a batch of consecutive rows)."""
+    if count > 0 and (start + count) * layout.seq_len < layout.stream_len:
+        out = {k: np.empty((count, layout.seq_len), dtype=np.int64) for k in ("input_ids", "labels")}
+        return _pack_run(token_source(source), layout, start, count, bos_id, eos_id, out)
+    return pack_rows(source, layout, np.arange(start, start + count), bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
 
 
 def pack_documents(documents, seq_len: int, *, bos_id: int, eos_id: int, pad_id: int,
