@@ -126,8 +126,15 @@ def test_resume_with_another_world_size_continues_the_row_stream(store):
 
 def test_mixture_by_weight(tmp_path, seed):
     rng = np.random.default_rng(seed)
-    new = make_store(tmp_path / "new", random_documents(rng, 80, max_len=40, vocab=(10, 1000)))
-    old = make_store(tmp_path / "old", random_documents(rng, 12, max_len=20, vocab=(2000, 3000)))
+
+    def filling_rows(docs, vocab):  # no padded row, so every row holds a token that tells its store
+        stream = sum(len(d) + 2 for d in docs if len(d))
+        return docs + [rng.integers(*vocab, size=(-stream - 2) % 20 or 20).astype(np.uint32)]
+
+    new = make_store(tmp_path / "new", filling_rows(random_documents(rng, 80, max_len=40, vocab=(10, 1000)),
+                                                    (10, 1000)))
+    old = make_store(tmp_path / "old", filling_rows(random_documents(rng, 12, max_len=20, vocab=(2000, 3000)),
+                                                    (2000, 3000)))
     loader = PackedLoader([new, old], weights=[0.75, 0.25], seq_len=20, batch_size=4, seed=9)
     r_old = loader.rows_per_epoch[1]
     steps = 3 * r_old + 2
@@ -135,7 +142,7 @@ def test_mixture_by_weight(tmp_path, seed):
     rows = _stack(batches)
     is_old = (rows["input_ids"] >= 2000).any(axis=1)
     is_new = ((rows["input_ids"] >= 10) & (rows["input_ids"] < 1000)).any(axis=1)
-    assert not np.any(is_old & is_new)  # a row comes from one store
+    assert not np.any(is_old & is_new) and np.all(is_old | is_new)  # a row comes from one store
     assert np.all(is_old.reshape(steps, 4).sum(axis=1) == 1)  # exactly 1 replay row in every batch of 4
     # The replay store's rows form whole epochs of its own, each a fresh shuffle.
     old_rows = {k: v[is_old] for k, v in rows.items()}

@@ -129,9 +129,11 @@ def test_multi_shard_source_matches_single(seed):
     from trainer.data.packing import TokenSource
 
     split = TokenSource([flat[:cut].copy(), flat[cut:].copy()], np.array([0, cut, len(flat)]), single.doc_offsets)
-    layout = epoch_layout(np.diff(single.doc_offsets), 13, rng.permutation(len(docs)))
-    rows = rng.integers(0, layout.num_rows, size=10)
-    for r in (rows, np.arange(layout.num_rows), np.arange(1, layout.num_rows - 1)):
-        a = pack_rows(single, layout, r, **IDS)
-        b = pack_rows(split, layout, r, **IDS)
-        assert all(np.array_equal(a[k], b[k]) for k in a)
+    for seq_len in (1, 13):  # seq_len 1: a window starts at every position, the store's last EOS included
+        layout = epoch_layout(np.diff(single.doc_offsets), seq_len, rng.permutation(len(docs)))
+        n = layout.num_rows
+        every_other = np.stack([np.arange(n), (np.arange(n) + 2) % n], axis=1).ravel()  # one window per row
+        for r in (rng.integers(0, n, size=10), np.arange(n), np.arange(1, n - 1), every_other):
+            a = pack_rows(single, layout, r, **IDS)
+            b = pack_rows(split, layout, r, **IDS)
+            assert all(np.array_equal(a[k], b[k]) for k in a)

@@ -142,7 +142,8 @@ def _content_views(src: TokenSource, g_lo: np.ndarray, g_hi: np.ndarray) -> list
     if len(views) == 1:
         shard = views[0]
         return [shard[x:y] for x, y in zip(g_lo.tolist(), g_hi.tolist())]
-    j = np.searchsorted(src.shard_starts, g_lo, side="right") - 1
+    # an empty range may sit at the very end of the tokens: clip it into the last shard (it slices to nothing)
+    j = np.minimum(np.searchsorted(src.shard_starts, g_lo, side="right") - 1, len(views) - 1)
     base = src.shard_starts[j]
     return [views[s][x:y] for s, x, y in zip(j.tolist(), (g_lo - base).tolist(), (g_hi - base).tolist())]
 
