@@ -92,6 +92,9 @@ def run_eval(args: argparse.Namespace) -> int:
     for name in ("max_length", "stride", "row_tokens", "batch_size", "gen_batch_size", "max_new_tokens", "limit"):
         _positive(name.replace("_", "-"), getattr(args, name))
     model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise UserError(f"model directory {model_dir} not found: give a Hugging Face Gemma2 directory "
+                        f"(config.json, safetensors, tokenizer.model)")
     device = torch.device(args.device or default_device())
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: CUDA is not available on this machine")
