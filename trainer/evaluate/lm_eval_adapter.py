@@ -48,15 +48,23 @@ class GemmaEWCLM(_LMBase):
     def __init__(self, pretrained: str, *, tokenizer: str | None = None, device: str | None = None,
                  dtype: str = "auto", attention: str = "auto", max_length: int | None = None,
                  batch_size: int | str | None = None, row_tokens: int | None = None, max_gen_toks: int = 256,
-                 gen_batch_size: int = 16, model=None, **unused) -> None:
+                 gen_batch_size: int = 16, max_batch_size: int | None = None, model=None, **unknown) -> None:
         if not HAVE_LM_EVAL:
             raise ImportError(_INSTALL_HINT)
+        if unknown:
+            raise ValueError(f"unknown gemma-ewc model argument(s) {sorted(unknown)}; known: pretrained, tokenizer, "
+                             f"device, dtype, attention, max_length, batch_size, row_tokens, max_gen_toks, "
+                             f"gen_batch_size")
         super().__init__()
         import torch
 
         from trainer.evaluate.scoring import ScoringOptions, Tokenizer, check_tokenizer, default_device
 
         device = torch.device(device or default_device())
+        if device.type == "cuda" and not torch.cuda.is_available():
+            # lm-eval's command line asks for "cuda" by default; on a CPU-only machine run there instead.
+            sys.stderr.write("gemma-ewc: CUDA is not available, evaluating on the CPU\n")
+            device = torch.device("cpu")
         torch_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
                        "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[str(dtype)]
         if model is None:
