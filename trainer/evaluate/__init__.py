@@ -51,10 +51,9 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=int, default=None,
                    help="sliding-window stride for documents longer than the context (default: max-length / 2)")
     p.add_argument("--row-tokens", type=int, default=None,
-                   help="tokens per packed row (default: 4096 on CUDA; 256 on CPU, where eager attention costs "
+                   help="tokens per packed row (default: 4096 on CUDA; 128 on CPU, where eager attention costs "
                         "the square of the row length)")
-    p.add_argument("--batch-size", type=int, default=None, help="packed rows per forward pass (default 8 on CUDA, "
-                                                                 "4 on CPU)")
+    p.add_argument("--batch-size", type=int, default=8, help="packed rows per forward pass")
     p.add_argument("--gen-batch-size", type=int, default=16, help="prompts decoded together (GSM8K)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation limit per prompt (GSM8K)")
     p.add_argument("--limit", type=int, default=None,
@@ -143,14 +142,15 @@ def run_eval(args: argparse.Namespace) -> int:
     if stride > max_length:
         raise UserError(f"--stride ({stride}) cannot exceed --max-length ({max_length})")
     cuda = device.type == "cuda"
-    options = ScoringOptions(row_tokens=args.row_tokens or (4096 if cuda else 256),
-                             batch_rows=args.batch_size or (8 if cuda else 4), fixed_shape=cuda, progress=progress)
+    options = ScoringOptions(row_tokens=args.row_tokens or (4096 if cuda else 128),
+                             batch_rows=args.batch_size, fixed_shape=cuda, progress=progress)
     meta = runner.read_model_metadata(model_dir)
     label = args.label or meta.get("label") or model_dir.resolve().name
     ewc_lambda = args.ewc_lambda if args.ewc_lambda is not None else meta.get("ewc_lambda", meta.get("lambda"))
     settings = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "attention": args.attention,
                 "max_length": max_length, "stride": stride, "row_tokens": options.row_tokens,
-                "batch_rows": options.batch_rows, "fixed_shape": options.fixed_shape, "max_new_tokens": args.max_new_tokens, "limit": args.limit}
+                "batch_rows": options.batch_rows, "fixed_shape": options.fixed_shape,
+                "max_new_tokens": args.max_new_tokens, "limit": args.limit}
     results = runner.new_results(model_dir=model_dir, fingerprint=runner.model_fingerprint(model_dir,
                                                                                           full=args.full_hash),
                                  tokenizer=tokenizer, config=config, label=label, ewc_lambda=ewc_lambda,

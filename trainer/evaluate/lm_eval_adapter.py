@@ -78,9 +78,9 @@ class GemmaEWCLM(_LMBase):
         self._max_length = int(max_length or self.model.config.max_position_embeddings)
         self._max_gen_toks = int(max_gen_toks)
         self.gen_batch_size = int(gen_batch_size)
-        rows = int(batch_size) if str(batch_size or "").isdigit() else (8 if device.type == "cuda" else 4)
+        rows = int(batch_size) if str(batch_size or "").isdigit() else 8
         cuda = device.type == "cuda"
-        self.options = ScoringOptions(row_tokens=int(row_tokens or (4096 if cuda else 256)), batch_rows=rows,
+        self.options = ScoringOptions(row_tokens=int(row_tokens or (4096 if cuda else 128)), batch_rows=rows,
                                       fixed_shape=cuda)
         self._pretrained = str(pretrained)
 

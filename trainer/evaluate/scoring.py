@@ -96,7 +96,8 @@ class OwnerScores:
 
 @dataclass
 class ScoringOptions:
-    row_tokens: int = 2048      # tokens per packed row (a longer span gets a row of its own length)
+    row_tokens: int = 2048      # tokens per packed row (a longer span gets a row of its own length); with
+                                # eager attention (CPU) a row costs its length squared, so keep rows short there
     batch_rows: int = 4         # rows per forward pass
     head_chunk: int = 0         # scored positions per LM-head chunk; 0 = about 32M logits per chunk
     fixed_shape: bool = False   # every batch [batch_rows, row capacity]: one shape, so torch.compile (flex
@@ -121,9 +122,9 @@ def _head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, *, chunk:
 
 
 def pack_spans(lengths: Sequence[int], *, row_tokens: int) -> list[list[int]]:
-    """First-fit decreasing: span indices grouped into rows of at most max(row_tokens, longest span) tokens."""
+    """First-fit decreasing: span indices grouped into rows of at most `row_tokens` tokens; a longer span opens a
+    row of its own length (which shorter spans may still join)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    capacity = max([row_tokens, *lengths]) if lengths else row_tokens
     rows: list[list[int]] = []
     free: list[int] = []
     open_rows: list[int] = []  # rows that can still take the shortest span
@@ -137,7 +138,7 @@ def pack_spans(lengths: Sequence[int], *, row_tokens: int) -> list[list[int]]:
                 break
         else:
             rows.append([i])
-            free.append(capacity - n)
+            free.append(max(row_tokens, n) - n)
             open_rows.append(len(rows) - 1)
         # Spans come longest first, so a row with less room than the shortest span is full for good.
         open_rows = [r for r in open_rows if free[r] >= shortest]
