@@ -57,7 +57,7 @@ def build_model_dir(preset: str, root: Path) -> Path:
     import sentencepiece as spm
 
     config = Gemma2Config.preset(preset)
-    text = (SHARED / "text" / "en_ewt.txt").read_text()[:80_000] + (SHARED / "text" / "lt_news.txt").read_text()[:80_000]
+    text = "".join((SHARED / "text" / name).read_text()[:80_000] for name in ("en_ewt.txt", "lt_news.txt"))
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(text.splitlines()), model_writer=buffer, vocab_size=min(1024, config.vocab_size),

@@ -16,7 +16,7 @@ def train_tokenizer(shared: Path, out: Path, *, vocab_size: int = 512) -> Path:
     """A byte-fallback BPE SentencePiece model with Gemma's special ids (pad 0, EOS 1, BOS 2), English + Lithuanian."""
     import sentencepiece as spm
 
-    text = ((shared / "text" / "en_ewt.txt").read_text()[:60_000] + (shared / "text" / "lt_news.txt").read_text()[:60_000])
+    text = "".join((shared / "text" / name).read_text()[:60_000] for name in ("en_ewt.txt", "lt_news.txt"))
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(text.splitlines()), model_writer=buffer, vocab_size=vocab_size, model_type="bpe",

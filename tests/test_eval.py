@@ -309,7 +309,7 @@ def test_winogrande_partial_scoring(setup):
 
 def test_truthfulqa_mc1_and_mc2(setup, tmp_path):
     model, tok, _ = setup
-    items = json.loads((BENCH / "truthfulqa" / "mc_task_v0.json").read_text())[:2]
+    items = json.loads((BENCH / "truthfulqa" / "mc_task_v0.json").read_text())[:1]
     small = tmp_path / "tqa.json"
     small.write_text(json.dumps(items))
     task = T.load_task(str(small))
@@ -329,12 +329,12 @@ def test_truthfulqa_mc1_and_mc2(setup, tmp_path):
         mc1.append(float(max(range(n1), key=lambda i: (lls1[i], -i)) == list(it["mc1_targets"].values()).index(1)))
         p = [math.exp(x) for x in lls2]
         mc2.append(sum(pi for pi, y in zip(p, labels) if y) / sum(p))
-    assert result["scores"]["mc1"] == pytest.approx(sum(mc1) / 2)
-    assert result["scores"]["mc2"] == pytest.approx(sum(mc2) / 2, rel=1e-6)
+    assert result["scores"]["mc1"] == pytest.approx(sum(mc1))
+    assert result["scores"]["mc2"] == pytest.approx(sum(mc2), rel=1e-6)
     # The Hugging Face layout {choices, labels} parses to the same document.
     hf_row = {"question": items[0]["question"],
-              "mc1_targets": {"choices": list(items[0]["mc1_targets"]), "labels": list(items[0]["mc1_targets"].values())},
-              "mc2_targets": {"choices": list(items[0]["mc2_targets"]), "labels": list(items[0]["mc2_targets"].values())}}
+              **{key: {"choices": list(items[0][key]), "labels": list(items[0][key].values())}
+                 for key in ("mc1_targets", "mc2_targets")}}
     a = T.TASK_TYPES["truthfulqa"].parse("a", hf_row, subject=None)
     assert (a.query, a.choices, a.gold, a.extra) == (task.docs[0].query, task.docs[0].choices, task.docs[0].gold,
                                                      task.docs[0].extra)

@@ -114,3 +114,25 @@ def test_skipped_items_are_reported_on_stderr_and_in_results(model_dir, tmp_path
     assert "arc: skipped 1 item(s) that cannot be scored, e.g. arc.jsonl:1: answer_idx -1 is out of range" in err
     res = json.loads(out.read_text())["tasks"]["arc"]
     assert res["n"] == 2 and res["skipped"]["count"] == 1
+
+
+def test_fewshot_files_by_type_or_by_name(model_dir, tmp_path, capsys):
+    from trainer.fileio import sha256_file
+
+    rows = (BENCH / "gsm8k" / "gsm8k_test.jsonl").read_text().splitlines(keepends=True)
+    shots, test = tmp_path / "shots.jsonl", tmp_path / "test.jsonl"
+    shots.write_text("".join(rows[:2]))
+    test.write_text("".join(rows[2:3]))
+    out = tmp_path / "r.json"
+    base = ["eval", "--model", str(model_dir), "--max-length", "1024", "--max-new-tokens", "2", "--out", str(out)]
+    assert main(base + ["--tasks", str(test), "--fewshot-file", str(shots), "--num-fewshot", "1"]) == 0
+    res = json.loads(out.read_text())["tasks"]["test"]
+    assert res["type"] == "gsm8k" and res["num_fewshot"] == 1 and res["fewshot_sha256"] == sha256_file(shots)
+    capsys.readouterr()
+    assert main(base + ["--tasks", f"math={test}", "--fewshot-file", f"math={shots}"]) == 2  # GSM8K's default: 5
+    assert "math: 5-shot asked but the few-shot file(s)" in capsys.readouterr().err
+    assert main(base + ["--tasks", f"math={test}", "--fewshot-file", f"math={shots}", "--num-fewshot", "2"]) == 0
+    assert json.loads(out.read_text())["tasks"]["math"]["num_fewshot"] == 2
+    capsys.readouterr()
+    assert main(base + ["--tasks", str(test), "--fewshot-file", f"other={shots}"]) == 2
+    assert "--fewshot-file names task(s) ['other']" in capsys.readouterr().err

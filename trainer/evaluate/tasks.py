@@ -3,18 +3,15 @@
 Seven task types, each with the prompts and metrics of lm-evaluation-harness's default task of that name, so the
 numbers are comparable with published ones:
 
-| type       | fields (any of the layouts)                                                        | metrics              |
-|------------|------------------------------------------------------------------------------------|----------------------|
-| mmlu       | question, choice0..3, answer (CSV with header; the original header-less CSV too) / | acc                  |
-|            | question, choices[], answer, subject (Hugging Face)                                |                      |
-| arc        | question, choices{text,label}, answerKey (Hugging Face; AI2's nested question too) | acc, acc_norm        |
-|            | / prompt, choices[], answer_idx                                                     |                      |
-| hellaswag  | ctx (or activity_label, ctx_a, ctx_b), endings[4], label                           | acc, acc_norm        |
-| winogrande | sentence (with one "_"), option1, option2, answer ("1"/"2")                        | acc (partial scoring)|
-| truthfulqa | question, mc1_targets, mc2_targets ({choices, labels} or {answer: 0/1})            | mc1, mc2             |
-| belebele   | flores_passage, question, mc_answer1..4, correct_answer_num                        | acc, acc_norm        |
-| gsm8k      | question, answer (ending "#### N")                                                 | exact_match strict / |
-|            |                                                                                    | flexible             |
+- mmlu: question, choice0..3, answer (CSV with header; MMLU's original header-less CSV too), or question,
+  choices[], answer, subject (Hugging Face). Metric acc.
+- arc: question, choices{text, label}, answerKey (Hugging Face; AI2's nested question{stem, choices} too), or
+  prompt, choices[], answer_idx. Metrics acc, acc_norm.
+- hellaswag: ctx (or activity_label, ctx_a, ctx_b), endings[4], label. Metrics acc, acc_norm (primary).
+- winogrande: sentence (one "_"), option1, option2, answer ("1"/"2"). Metric acc, by partial scoring.
+- truthfulqa: question, mc1_targets, mc2_targets (each {choices, labels} or {answer: 0/1}). Metrics mc1, mc2.
+- belebele: flores_passage, question, mc_answer1..4, correct_answer_num. Metrics acc, acc_norm.
+- gsm8k: question, answer (ending "#### N"). Metrics exact_match_strict, exact_match_flexible (greedy generation).
 
 acc: the choice of highest log-likelihood is the gold one. acc_norm: the same after dividing each log-likelihood
 by the length of the choice's text in characters (lm-eval's acc_norm; lm-eval calls the byte version acc_bytes).
@@ -103,6 +100,8 @@ def read_rows(path: Path) -> list[tuple[str, dict]]:
             import pyarrow.parquet as pq
 
             return [(f"{path.name}[{i}]", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
+    except UserError:
+        raise
     except UnicodeDecodeError as exc:
         raise UserError(f"cannot read {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except PermissionError:
@@ -427,9 +426,10 @@ class Belebele(TaskType):
 
     def parse(self, item_id, row, *, subject):
         answers = [_text(row, f"mc_answer{k}") for k in range(1, 5)]
-        gold = _index(_get(row, "correct_answer_num"), 5, "correct_answer_num") - 1
-        if gold < 0:
-            raise ItemError("correct_answer_num 0 is out of range: expected 1-4")
+        number = str(_get(row, "correct_answer_num")).strip()
+        if number not in ("1", "2", "3", "4"):
+            raise ItemError(f"correct_answer_num {number!r} is out of range: expected 1-4")
+        gold = int(number) - 1
         query = (f"P: {_text(row, 'flores_passage')}\nQ: {_text(row, 'question').strip()}\n"
                  + "".join(f"{LETTERS[k]}: {a}\n" for k, a in enumerate(answers)) + "Answer:")
         return Doc(item_id, query, list("ABCD"), gold)
@@ -611,6 +611,13 @@ def attach_fewshot(task: Task, *, fewshot: str | None = None, num_fewshot: int |
                 task.notes.append(f"{len(bad)} few-shot item(s) unusable, e.g. {bad[0][0]}: {bad[0][1]}")
             for d in shots:
                 task.fewshot.setdefault(d.subject, []).append(d)
+            short = {k: len(v) for k, v in task.fewshot.items() if len(v) < n}
+            if short or not task.fewshot:
+                subject, have = next(iter(short.items()), (None, 0))
+                about = f" for subject {subject}" if subject else ""
+                raise UserError(f"{task.name}: {n}-shot asked but the few-shot file(s) ({shot_files[0]}"
+                                f"{' ...' if len(shot_files) > 1 else ''}) hold only {have} usable example(s){about}; "
+                                f"lower --num-fewshot or give a larger --fewshot-file")
             task.fewshot_files = list(shot_files)
     task.num_fewshot = n
     return task
