@@ -45,7 +45,8 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: DIR/tokenizer.model)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--attention", default="auto", help="attention backend: auto, eager, flex, flash")
+    p.add_argument("--attention", choices=("auto", "eager", "flex", "flash"), default="auto",
+                   help="attention backend (default: flash or flex on CUDA, eager on CPU)")
     p.add_argument("--max-length", type=int, default=None,
                    help="context window in tokens (default: the model's max_position_embeddings)")
     p.add_argument("--stride", type=int, default=None,
