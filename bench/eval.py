@@ -28,7 +28,8 @@ import torch
 
 from bench.common import REPO_ROOT, device_name, format_table, machine_info, synchronize, write_results
 from trainer.evaluate import tasks as T
-from trainer.evaluate.perplexity import perplexity_of_texts, read_text_documents
+from trainer.data.readers import read_documents
+from trainer.evaluate.perplexity import perplexity_of_texts
 from trainer.evaluate.scoring import ScoringOptions, Tokenizer, encode_requests, loglikelihood
 from trainer.hf import load_pretrained, save_pretrained
 from trainer.model import Gemma2, Gemma2Config
@@ -163,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
                              "scored tokens/s": scored / seconds, "seconds": seconds,
                              "speedup": methods[-1][2] / seconds,
                              "max |Δll| vs ours": max(abs(a - b) for a, b in zip(values, ours))})
-        texts = read_text_documents(SHARED / "text" / "en_ewt.txt")[:args.documents]
+        texts = list(read_documents(SHARED / "text" / "en_ewt.txt"))[:args.documents]
         perplexity_of_texts(model, tokenizer, texts[:2], max_length=args.max_length, stride=args.max_length // 2,
                             options=options)
         res, seconds = timed(lambda: perplexity_of_texts(model, tokenizer, texts, max_length=args.max_length,

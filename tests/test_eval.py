@@ -14,7 +14,8 @@ from tests.helpers import hf_twin, random_model, small_config
 from trainer.errors import UserError
 from trainer.evaluate import tasks as T
 from trainer.evaluate.generate import greedy_generate
-from trainer.evaluate.perplexity import perplexity_of_file, perplexity_of_texts, read_text_documents
+from trainer.data.readers import read_documents
+from trainer.evaluate.perplexity import perplexity_of_input, perplexity_of_texts, read_perplexity_input
 from trainer.evaluate.runner import evaluate_multiple_choice, evaluate_task
 from trainer.evaluate.scoring import (ScoringOptions, Span, Tokenizer, loglikelihood, pack_spans, rolling_windows,
                                       score_spans)
@@ -36,7 +37,7 @@ def setup(tmp_path_factory):
 def documents(n: int, *, lang: str = "en", max_chars: int = 1000) -> list[str]:
     """The first n real documents of at most `max_chars` characters (a few hundred tokens)."""
     name = "en_ewt.txt" if lang == "en" else "lt_news.txt"
-    return [d for d in read_text_documents(SHARED_DATA / "text" / name) if len(d) <= max_chars][:n]
+    return [d for d in read_documents(SHARED_DATA / "text" / name) if len(d) <= max_chars][:n]
 
 
 # ------------------------------------------------------------------------------------------------------ perplexity
@@ -521,19 +522,44 @@ def test_bad_items_are_skipped_with_their_reason(row, reason):
         kind.parse("x", row, subject=None)
 
 
-def test_empty_perplexity_file_is_a_clear_error(setup, tmp_path):
+def test_empty_perplexity_inputs_are_clear_errors(setup, tmp_path):
     model, tok, _ = setup
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n   \n")
     with pytest.raises(UserError, match="holds no text"):
-        perplexity_of_file(model, tok, empty, max_length=64, stride=32)
-    binary = tmp_path / "binary.txt"
-    binary.write_bytes(b"\xff\xfe\xfa")
-    with pytest.raises(UserError, match="not UTF-8"):
-        perplexity_of_file(model, tok, binary, max_length=64, stride=32)
+        read_perplexity_input(empty, tok)
+    with pytest.raises(UserError, match="unknown corpus format"):
+        (tmp_path / "x.csv").write_text("a,b\n")
+        read_perplexity_input(tmp_path / "x.csv", tok)
+    from trainer.data.tokenize import tokenize_to_store
+
+    store = tmp_path / "store"
+    tokenize_to_store([empty], tokenizer=tok.path, out=store)
+    data = read_perplexity_input(store, tok)
+    with pytest.raises(UserError, match="no document with any token"):
+        perplexity_of_input(model, data, max_length=64, stride=32)
 
 
-def test_text_documents_are_separated_by_blank_lines(tmp_path):
-    path = tmp_path / "t.txt"
-    path.write_text("first doc\nline two\n\n\nsecond doc\n  \nthird\n")
-    assert read_text_documents(path) == ["first doc\nline two", "second doc", "third"]
+def test_token_store_and_corpus_files_give_the_same_perplexity(setup, tmp_path):
+    model, tok, _ = setup
+    texts = documents(2, max_chars=300) + documents(1, lang="lt", max_chars=300)
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": t}, ensure_ascii=False) + "\n" for t in texts))
+    txt = tmp_path / "docs.txt"
+    txt.write_text("\n\n".join(texts) + "\n")
+    from trainer.data.tokenize import tokenize_to_store
+
+    tokenize_to_store([txt], tokenizer=tok.path, out=tmp_path / "store")
+    results = []
+    for data in (read_perplexity_input(jsonl, tok, text_field="body"), read_perplexity_input(txt, tok),
+                 read_perplexity_input(tmp_path / "store", tok)):
+        results.append(perplexity_of_input(model, data, max_length=64, stride=32))
+        assert data.num_bytes == sum(len(t.encode()) for t in texts)
+    direct = perplexity_of_texts(model, tok, texts, max_length=64, stride=32)
+    for r in results:
+        assert (r.tokens, r.bytes) == (direct.tokens, direct.bytes)
+        assert r.nll == pytest.approx(direct.nll, rel=1e-9)
+    tokenize_to_store([txt], tokenizer=SHARED_DATA / "tokenizers" / "botchan_en_unigram_1000.model",
+                      out=tmp_path / "other_store")
+    with pytest.raises(UserError, match="another tokenizer"):
+        read_perplexity_input(tmp_path / "other_store", tok)

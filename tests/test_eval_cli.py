@@ -136,3 +136,13 @@ def test_fewshot_files_by_type_or_by_name(model_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(base + ["--tasks", str(test), "--fewshot-file", f"other={shots}"]) == 2
     assert "--fewshot-file names task(s) ['other']" in capsys.readouterr().err
+
+
+def test_invalid_utf8_in_a_corpus_is_replaced_and_reported(model_dir, tmp_path, capsys):
+    corpus = tmp_path / "bad.txt"
+    corpus.write_bytes("Labas rytas.\n\nAntras dokumentas \xff\xfe su klaida.\n".encode("latin-1"))
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", str(model_dir), "--ppl", str(corpus), "--max-length", "64", "--out", str(out)]) == 0
+    assert "character(s) of invalid UTF-8" in capsys.readouterr().err
+    res = json.loads(out.read_text())["perplexity"]["bad"]
+    assert res["replaced_characters"] > 0 and res["documents"] == 2 and res["kind"] == "text"

@@ -25,8 +25,11 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     from trainer.evaluate.tasks import TASK_TYPES
 
     p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face Gemma2 directory (with tokenizer.model)")
-    p.add_argument("--ppl", nargs="+", action="extend", default=[], metavar="[NAME=]FILE",
-                   help="text file(s) for perplexity and bits per byte: documents separated by blank lines")
+    p.add_argument("--ppl", nargs="+", action="extend", default=[], metavar="[NAME=]PATH",
+                   help="corpora for perplexity and bits per byte: a .jsonl/.json/.parquet/.txt file (.gz too; "
+                        "text: documents separated by blank lines), a folder of them, or a token store made "
+                        "with the model's tokenizer")
+    p.add_argument("--text-field", default="text", help="text field of JSON Lines and Parquet corpora")
     p.add_argument("--tasks", nargs="+", action="extend", default=[], metavar="[NAME=]PATH",
                    help="benchmark file(s) or folder(s) (.jsonl/.json/.csv/.parquet; MMLU: a folder of subjects)")
     p.add_argument("--task-type", choices=sorted(TASK_TYPES), default=None,
@@ -82,7 +85,7 @@ def run_eval(args: argparse.Namespace) -> int:
     import torch
 
     from trainer.evaluate import runner
-    from trainer.evaluate.perplexity import perplexity_of_file
+    from trainer.evaluate.perplexity import perplexity_of_input, read_perplexity_input
     from trainer.evaluate.scoring import ScoringOptions, Tokenizer, check_tokenizer, default_device
     from trainer.evaluate.tasks import attach_fewshot, load_docs, load_task, split_named, task_files
     from trainer.hf import load_pretrained
@@ -103,14 +106,15 @@ def run_eval(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty() if args.progress is None else args.progress
 
     # Read every input before loading the model, so a bad file fails in seconds, not after minutes of loading.
+    tokenizer = Tokenizer(args.tokenizer or model_dir / "tokenizer.model")
     ppl_inputs = []
     for spec in args.ppl:
         name, path = split_named(spec)
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"perplexity file {path} not found" if not path.exists() else
-                            f"{path} is not a file; --ppl takes plain-text files")
-        ppl_inputs.append((name or path.stem, path))
+        if not path.exists():
+            raise UserError(f"perplexity input {path} not found")
+        data = read_perplexity_input(path, tokenizer, text_field=args.text_field, limit=args.limit)
+        ppl_inputs.append((name or path.name.split(".")[0], path, data))
     named_shots, typed_shots = {}, []
     for spec in args.fewshot_file:
         name, path = split_named(spec)
@@ -129,12 +133,11 @@ def run_eval(args: argparse.Namespace) -> int:
     if named_shots:
         raise UserError(f"--fewshot-file names task(s) {sorted(named_shots)} that are not among --tasks "
                         f"({[t.name for t in tasks]})")
-    names = [n for n, _ in ppl_inputs] + [t.name for t in tasks]
+    names = [n for n, _, _ in ppl_inputs] + [t.name for t in tasks]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise UserError(f"two inputs are named {dupes[0]!r}: name them apart with NAME=PATH")
 
-    tokenizer = Tokenizer(args.tokenizer or model_dir / "tokenizer.model")
     model = load_pretrained(model_dir, dtype=dtype, device=device, attention_backend=args.attention).eval()
     config = model.config
     check_tokenizer(tokenizer, config)
@@ -157,10 +160,14 @@ def run_eval(args: argparse.Namespace) -> int:
                                  tokenizer=tokenizer, config=config, label=label, ewc_lambda=ewc_lambda,
                                  settings=settings)
 
-    for name, path in ppl_inputs:
-        res = perplexity_of_file(model, tokenizer, path, max_length=max_length, stride=stride, limit=args.limit,
-                                 options=options)
-        results["perplexity"][name] = {"file": str(path), "sha256": runner.files_sha256([path]), **res.to_dict()}
+    for name, path, data in ppl_inputs:
+        if data.replaced_characters:
+            print(f"gemma-ewc eval: {name}: {data.replaced_characters} character(s) of invalid UTF-8 in {path} "
+                  f"replaced by U+FFFD before scoring", file=sys.stderr)
+        res = perplexity_of_input(model, data, max_length=max_length, stride=stride, options=options,
+                                  pad_id=tokenizer.pad_id)
+        results["perplexity"][name] = {"file": str(path), "kind": data.kind, "sha256": data.sha256,
+                                       "replaced_characters": data.replaced_characters, **res.to_dict()}
         print(f"{name}: perplexity {res.perplexity:.4g}, {res.bits_per_byte:.4f} bits/byte "
               f"({res.documents} documents, {res.tokens} tokens, {res.seconds:.1f} s)")
     for task in tasks:

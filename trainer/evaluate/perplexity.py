@@ -8,11 +8,16 @@ the result equals full-context scoring. Windows of all documents are packed into
 
     perplexity    = exp(total NLL / scored tokens)             (depends on the tokenizer)
     bits per byte = total NLL / ln 2 / UTF-8 bytes of the text  (does not: comparable across tokenizers)
+
+Inputs: corpus files read by trainer.data's readers (JSON Lines, Parquet, plain text with documents separated by
+blank lines; invalid UTF-8 is replaced and counted), or a token store (its documents as stored; the text's bytes
+are those of the decoded tokens). A store must have been made with the model's tokenizer.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,31 +41,6 @@ class PerplexityResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def read_text_documents(path: Path) -> list[str]:
-    """Plain text, documents separated by blank lines (the stop-gap reader until trainer.data's readers land)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"cannot read {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except IsADirectoryError:
-        raise UserError(f"{path} is a directory; --ppl takes plain-text files (documents separated by blank "
-                        f"lines)") from None
-    except FileNotFoundError:
-        raise UserError(f"perplexity file {path} not found") from None
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
-    docs, current = [], []
-    for line in text.splitlines():
-        if line.strip():
-            current.append(line)
-        elif current:
-            docs.append("\n".join(current))
-            current = []
-    if current:
-        docs.append("\n".join(current))
-    return docs
 
 
 def perplexity_of_tokens(model, documents: Sequence[Sequence[int]], *, num_bytes: int, max_length: int,
@@ -91,11 +71,52 @@ def perplexity_of_texts(model, tokenizer: Tokenizer, texts: Sequence[str], *, ma
                                 options=options, pad_id=tokenizer.pad_id)
 
 
-def perplexity_of_file(model, tokenizer: Tokenizer, path: Path, *, max_length: int, stride: int,
-                       limit: int | None = None, options: ScoringOptions | None = None) -> PerplexityResult:
-    texts = read_text_documents(path)
-    if limit is not None:
-        texts = texts[:limit]
-    if not any(t.strip() for t in texts):
+@dataclass
+class PerplexityInput:
+    """Documents to score, read from corpus files (trainer.data's readers) or a token store."""
+
+    kind: str                       # "text" (corpus files) or "token-store"
+    tokens: list[Sequence[int]]     # per document, no BOS/EOS
+    num_bytes: int                  # UTF-8 bytes of the documents' text (decoded from the tokens for a store)
+    sha256: str                     # the files' sha256 (corpus) or the manifest's (store; it holds shard hashes)
+    replaced_characters: int = 0    # invalid UTF-8 replaced by U+FFFD while reading
+
+
+def read_perplexity_input(path: str | os.PathLike, tokenizer: Tokenizer, *, text_field: str = "text",
+                          limit: int | None = None) -> PerplexityInput:
+    """A corpus file or folder (.jsonl/.json/.parquet/.txt, .gz), or a token store made with this tokenizer."""
+    from trainer.data.readers import ReadStats, expand_inputs, read_documents
+    from trainer.data.store import MANIFEST, TokenStore
+    from trainer.evaluate.runner import files_sha256
+    from trainer.fileio import sha256_file
+
+    path = Path(path)
+    if path.is_dir() and (path / MANIFEST).is_file():
+        store = TokenStore(path, expected_tokenizer_hash=sha256_file(tokenizer.path))
+        n = store.num_documents if limit is None else min(limit, store.num_documents)
+        docs = [store.document(i).tolist() for i in range(n)]
+        if docs and max((max(d) for d in docs if d), default=0) >= tokenizer.vocab_size:
+            raise UserError(f"{path}: holds token ids beyond the tokenizer's {tokenizer.vocab_size} pieces")
+        num_bytes = sum(len(tokenizer.decode(d).encode("utf-8")) for d in docs if d)
+        return PerplexityInput("token-store", docs, num_bytes, store.fingerprint)
+    files = expand_inputs([path])
+    stats, texts = ReadStats(), []
+    for f in files:
+        for text in read_documents(f, text_field=text_field, stats=stats):
+            if limit is not None and len(texts) >= limit:
+                break
+            texts.append(text)
+    texts = [t for t in texts if t.strip()]
+    if not texts:
         raise UserError(f"{path} holds no text to score (an empty perplexity file?)")
-    return perplexity_of_texts(model, tokenizer, texts, max_length=max_length, stride=stride, options=options)
+    tokens = tokenizer.encode_batch(texts)
+    num_bytes = sum(len(t.encode("utf-8")) for t, ids in zip(texts, tokens) if ids)
+    return PerplexityInput("text", tokens, num_bytes, files_sha256(files), stats.replaced)
+
+
+def perplexity_of_input(model, data: PerplexityInput, *, max_length: int, stride: int,
+                        options: ScoringOptions | None = None, pad_id: int = 0) -> PerplexityResult:
+    if not any(len(d) for d in data.tokens):
+        raise UserError("no document with any token to score (an empty token store?)")
+    return perplexity_of_tokens(model, data.tokens, num_bytes=data.num_bytes, max_length=max_length, stride=stride,
+                                options=options, pad_id=pad_id)
