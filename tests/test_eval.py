@@ -97,7 +97,7 @@ def test_sliding_windows_equal_a_hand_computation_over_the_same_windows(setup):
     model, tok, _ = setup
     text = documents(1, lang="lt", max_chars=400)[0]
     ids = tok.encode(text)
-    L, stride = 48, 20
+    L, stride = 32, 12
     assert len(ids) > 3 * L
     res = perplexity_of_texts(model, tok, [text], max_length=L, stride=stride)
     full = [model.config.bos_token_id, *ids]
