@@ -227,9 +227,6 @@ def tokenize_to_store(inputs: Sequence[str | os.PathLike], *, tokenizer: str | o
                     bar.set_postfix_str(f"{writer.num_tokens / elapsed:,.0f} tokens/s", refresh=False)
             writer.finish(tokenizer=tok.manifest_entry(), text_field=text_field, empty_documents=empty,
                           replaced=sum(s["replaced"] for s in sources), sources=sources)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)  # the temporary directory was private (0700); a store is shared data
     finally:
         if bar is not None:
             bar.close()
