@@ -96,9 +96,11 @@ def test_two_ranks_equal_one_rank(tmp_path, store, ewc):
         penalties = [m["ewc_penalty"] for m in metrics(tmp_path / "two")]
         assert torch.allclose(torch.tensor(penalties), torch.tensor([m["ewc_penalty"] for m in
                                                                      metrics(tmp_path / "one")]), rtol=1e-4)
+    # Adam divides each gradient by its running RMS, so an element whose gradient is at rounding level still moves
+    # by up to lr per step, in a direction the summation order decides: compare against a fraction of lr.
     a, b = final_parameters(tmp_path / "one"), final_parameters(tmp_path / "two")
     for name in a:
-        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-5), name
+        assert (a[name] - b[name]).abs().max() <= 0.05 * 3e-3, name
 
 
 @pytest.mark.slow
