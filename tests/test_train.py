@@ -48,7 +48,12 @@ def _run_in_rank(rank, world_size, overrides, run_dir, stop_after=None):
 
 
 def run(overrides, run_dir, *, world_size=1, stop_after=None):
-    """Train in fresh processes (a process group per run, as `gemma-ewc train` under torchrun)."""
+    """Train as `gemma-ewc train` would: one rank in this process, N ranks in fresh processes (as torchrun)."""
+    if world_size == 1:
+        try:
+            return _run(overrides, run_dir, stop_after)
+        finally:
+            dist.destroy_process_group()
     return run_distributed(_run_in_rank, world_size=world_size, args=(overrides, str(run_dir), stop_after))[0]
 
 
@@ -129,7 +134,7 @@ def test_resume_on_another_world_size(tmp_path, store):
 
 def test_ewc_strength_keeps_parameters_near_the_anchor(tmp_path, store):
     distances = []
-    for lam in (0.0, 1.0, 30.0, 1000.0):
+    for lam in (0.0, 30.0, 1000.0):
         extra = {"optim.max_steps": 8, "ewc.file": f"'{_ewc_file(tmp_path / 'ewc.safetensors')}'",
                  "ewc.lambda": lam, "optim.weight_decay": 0.0}
         run(_overrides(store, **extra), tmp_path / f"lam{lam}")
