@@ -213,12 +213,56 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def train(config: TrainConfig, run_dir: str | Path, *, stop_after: int | None = None) -> TrainSummary:
+@dataclass
+class StepResult:
+    loss: float  # mean token loss of the global batch
+    task_norm: torch.Tensor  # norm of the data gradient (before clipping)
+    total_norm: torch.Tensor | None  # norm of data + EWC gradient (clip mode "total" only)
+    finite: bool  # False: the step was skipped
+    tokens: int  # tokens of the global batch
+    flops: float  # model FLOPs of the global batch (forward + backward)
+
+
+def train_step(model, optimizer, micro_batches: list[dict], *, device: torch.device, world_size: int, clip: float,
+               clip_mode: str) -> StepResult:
+    """One optimizer step over `micro_batches` (this rank's part of the global batch); a collective.
+
+    Each micro-batch loss is the summed token loss times world_size / (scored tokens of the global batch): FSDP's
+    reduce-scatter averages over ranks, so the gradient is that of the global mean token loss however the tokens
+    are spread over ranks and micro-batches. A non-finite loss or gradient norm skips the update.
+    """
+    from trainer.flops import batch_flops_per_token
+
+    scored = torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in micro_batches)), device=device)
+    dist.all_reduce(scored)
+    scale = world_size / scored.clamp(min=1.0)
+    loss_sum = torch.zeros((), device=device)
+    tokens, flops = 0, 0.0
+    for batch in micro_batches:
+        ids, labels, pos = (batch[k].to(device, non_blocking=True) for k in ("input_ids", "labels", "position_ids"))
+        loss = model(ids, position_ids=pos, labels=labels)
+        (loss * scale).backward()
+        loss_sum += loss.detach()
+        tokens += ids.numel() * world_size
+        flops += batch_flops_per_token(model.config, batch["position_ids"]) * ids.numel() * world_size
+    dist.all_reduce(loss_sum)
+    task_norm, total_norm = optimizer.clip_grad_norm_(clip or None, mode=clip_mode)
+    loss = (loss_sum / scored.clamp(min=1.0)).item()
+    finite = math.isfinite(loss) and bool(torch.isfinite(task_norm))
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad()
+    return StepResult(loss, task_norm, total_norm, finite, tokens, flops)
+
+
+def train(config: TrainConfig, run_dir: str | Path, *, stop_after: int | None = None, save_final: bool = True,
+          step_hook=None) -> TrainSummary:
     """Train (or resume) the run in `run_dir`. `stop_after`: at most this many steps in this invocation, then
-    checkpoint and return (for job time limits; the schedule still spans optim.max_steps)."""
+    checkpoint and return (for job time limits; the schedule still spans optim.max_steps). `step_hook(step)` is
+    called after every step (the profiler advances its schedule there)."""
     from trainer.checkpoint import find_latest, load_checkpoint, save_checkpoint
     from trainer.distributed import init_distributed
-    from trainer.flops import batch_flops_per_token, device_peak_flops
+    from trainer.flops import device_peak_flops
     from trainer.hf import config_to_hf
     from trainer.optim import EWCAdamW, lr_at, set_lr
     from trainer.parallelize import build_mesh
@@ -283,35 +327,21 @@ def train(config: TrainConfig, run_dir: str | Path, *, stop_after: int | None = 
                    warmup=int(o.warmup) if o.warmup >= 1 else o.warmup, min_lr_ratio=o.min_lr_ratio)
         set_lr(optimizer, lr)
         micro = [next(batches) for _ in range(config.data.grad_accum)]
-        scored = torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in micro)), device=device)
-        dist.all_reduce(scored)
-        scale = env.world_size / scored.clamp(min=1.0)
-        loss_sum = torch.zeros((), device=device)
-        for batch in micro:
-            ids, labels, pos = (batch[k].to(device, non_blocking=True) for k in ("input_ids", "labels",
-                                                                                 "position_ids"))
-            loss = model(ids, position_ids=pos, labels=labels)
-            (loss * scale).backward()
-            loss_sum += loss.detach()
-            interval_tokens += ids.numel() * env.world_size
-            interval_flops += batch_flops_per_token(model.config, batch["position_ids"]) * ids.numel() \
-                * env.world_size
-        dist.all_reduce(loss_sum)
-        task_norm, total_norm = optimizer.clip_grad_norm_(o.clip or None, mode=config.ewc.clip)
-        step_loss = (loss_sum / scored.clamp(min=1.0)).item()
-        finite = math.isfinite(step_loss) and bool(torch.isfinite(task_norm))
+        result = train_step(model, optimizer, micro, device=device, world_size=env.world_size, clip=o.clip,
+                            clip_mode=config.ewc.clip)
+        interval_tokens += result.tokens
+        interval_flops += result.flops
+        step_loss, finite = result.loss, result.finite
+        task_norm, total_norm = result.task_norm, result.total_norm
         if finite:
-            optimizer.step()
             bad_in_a_row = 0
         else:
-            optimizer.zero_grad()
             summary.skipped_steps += 1
             bad_in_a_row += 1
             if bad_in_a_row >= config.max_bad_steps:
                 raise TrainingError(f"the loss or gradient was non-finite in {bad_in_a_row} consecutive steps "
                                     f"(last: step {step + 1}, loss {step_loss}); lower optim.lr, check the data, "
                                     f"or resume from an earlier checkpoint")
-        optimizer.zero_grad()
         summary.losses.append(step_loss)
         summary.last_step = step + 1
 
@@ -331,11 +361,13 @@ def train(config: TrainConfig, run_dir: str | Path, *, stop_after: int | None = 
             }
             log.write(record, o.max_steps)
             interval_tokens, interval_flops, interval_start = 0, 0.0, time.perf_counter()
+        if step_hook is not None:
+            step_hook(step + 1)
         every = config.checkpoint.every
         if every and (step + 1) % every == 0 and step + 1 != end_step:
             summary.checkpoint = save(step + 1)
             interval_start = time.perf_counter()  # checkpoint time is not training time
-    if summary.last_step > start_step or latest is None:
+    if save_final and (summary.last_step > start_step or latest is None):
         summary.checkpoint = save(summary.last_step)
     log.close()
     return summary
