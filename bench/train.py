@@ -1,0 +1,179 @@
+"""`gemma-ewc bench train`: whole training steps, our trainer vs transformers with the reference study's EWC.
+
+    gemma-ewc bench train --preset gemma2-2b --seq-len 4096 --device cuda     # H200: bf16, flex attention
+    gemma-ewc bench train --preset tiny --seq-len 256                          # CPU
+
+Four configurations on the same batch of packed rows, side by side in one run:
+  gemma-ewc      FSDP2 (one rank), bf16 compute on CUDA (float32 on CPU) with float32 master weights, packed
+                 attention (flex/eager), chunked LM-head loss, fused EWCAdamW (EWC inside the optimizer step).
+  transformers   Gemma2ForCausalLM (eager attention, as Gemma2 requires for its soft-cap), float32 weights under
+                 bf16 autocast on CUDA (HF Trainer's bf16 mode), materialised logits, torch's fused AdamW; EWC
+                 as the reference study did it: (λ/2)·Σ F(θ − θ*)² added to the loss by a Python loop over the
+                 parameters (F in float16 as there, θ* float32), then backward and clipping of the total.
+each with EWC off and on (λ = --lambda, random F ≥ 0, θ* = the initial weights). transformers sees the same tokens
+without the document boundaries (its eager attention has no packed masks), so its attention does at least as much
+work; MFU counts each side's own attention FLOPs. Reported: step time, tokens/s, MFU, peak memory (CUDA), and the
+ratios ours / transformers and EWC on / off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import format_table, machine_info, time_fn, write_results
+from bench.model import packed_batch
+from trainer.flops import batch_flops_per_token, device_peak_flops, training_flops_per_token
+from trainer.model import Gemma2Config
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=1, help="rows per step")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="compute dtype (default bf16 on CUDA)")
+    p.add_argument("--attention", default="auto", help="our attention backend (auto: flex on CUDA, eager on CPU)")
+    p.add_argument("--mean-doc-len", type=int, default=1024)
+    p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="EWC strength for the EWC-on runs")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup steps)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--skip-transformers", action="store_true", help="only our trainer")
+    p.add_argument("--out", default=None, help="results JSON")
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _ours(config: Gemma2Config, batch: dict, *, device, dtype, attention: str, ewc: bool, lam: float):
+    from trainer.config import ParallelConfig
+    from trainer.model import Gemma2
+    from trainer.optim import EWCAdamW
+    from trainer.parallelize import build_mesh, materialize, parallelize
+    from trainer.train import param_groups, train_step
+
+    parallel = ParallelConfig(param_dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+    mesh = build_mesh(parallel, device_type=device.type)
+    with torch.device("meta"):
+        model = Gemma2(config, attention_backend=attention)
+    parallelize(model, parallel, mesh=mesh)
+    materialize(model, device=device, seed=0)
+    groups, _ = param_groups(model, 0.01)
+    optimizer = EWCAdamW(groups, lr=1e-5)
+    if ewc:
+        params = [p for g in groups for p in g["params"]]
+        fisher = [torch.rand_like(p.to_local()) for p in params]
+        anchor = [p.to_local().detach().to(torch.bfloat16).contiguous() for p in params]
+        optimizer.set_ewc_state(fisher, anchor, lam)
+
+    def step():
+        train_step(model, optimizer, [batch], device=device, world_size=1, clip=1.0, clip_mode="task")
+
+    return step, batch_flops_per_token(config, batch["position_ids"])
+
+
+def _transformers(config: Gemma2Config, batch: dict, *, device, dtype, ewc: bool, lam: float):
+    from transformers import Gemma2Config as HFConfig, Gemma2ForCausalLM
+
+    from trainer.hf import config_to_hf
+
+    raw = config_to_hf(config)
+    for key in ("architectures", "model_type", "torch_dtype"):
+        raw.pop(key)
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(HFConfig(**raw, attn_implementation="eager")).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, fused=True)
+    ids = batch["input_ids"].to(device)
+    # transformers shifts labels itself: labels_hf[t + 1] = ours[t].
+    labels = torch.full_like(ids, -100)
+    labels[:, 1:] = batch["labels"][:, :-1].to(device)
+    fisher = anchor = None
+    if ewc:
+        fisher = {n: torch.rand_like(p, dtype=torch.float16) for n, p in model.named_parameters()}
+        anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(input_ids=ids, labels=labels).loss
+        if ewc:
+            penalty = 0.0
+            for name, p in model.named_parameters():  # the reference study's loop inside the loss
+                penalty = penalty + (fisher[name] * (p - anchor[name]) ** 2).sum()
+            loss = loss + lam / 2 * penalty
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seq = ids.shape[1]
+    return step, training_flops_per_token(config, seq)
+
+
+def run(args: argparse.Namespace) -> int:
+    from trainer.distributed import init_distributed
+
+    env = init_distributed(args.device)
+    device = env.device
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    config = Gemma2Config.preset(args.preset)
+    ids, pos, _ = packed_batch(args.batch_size, args.seq_len, config.vocab_size, args.mean_doc_len, device="cpu")
+    labels = torch.roll(ids, -1, dims=1)
+    labels[:, -1] = -100
+    labels[torch.roll(pos, -1, dims=1) == 0] = -100  # never predict the next document's first token
+    batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
+    peak, peak_source = device_peak_flops(str(device), dtype)
+    tokens = args.batch_size * args.seq_len
+    impls = ["gemma-ewc"] + ([] if args.skip_transformers else ["transformers"])
+    rows = []
+    for impl in impls:
+        for ewc in (False, True):
+            _free(device)
+            try:
+                if impl == "gemma-ewc":
+                    step, flops = _ours(config, batch, device=device, dtype=dtype, attention=args.attention,
+                                        ewc=ewc, lam=args.lam)
+                else:
+                    step, flops = _transformers(config, batch, device=device, dtype=dtype, ewc=ewc, lam=args.lam)
+                timing = time_fn(step, device=device, warmup=args.warmup, repeat=args.steps)
+                row = {"impl": impl, "ewc": ewc, "step_ms": 1e3 * timing["median_s"],
+                       "tokens_per_s": tokens / timing["median_s"],
+                       "mfu": tokens / timing["median_s"] * flops / peak, "flops_per_token": flops,
+                       "max_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30
+                                         if device.type == "cuda" else None), "timing": timing}
+            except torch.OutOfMemoryError as exc:
+                row = {"impl": impl, "ewc": ewc, "error": f"out of memory: {str(exc).splitlines()[0]}"}
+            rows.append(row)
+            del step
+    by = {(r["impl"], r["ewc"]): r for r in rows}
+    for r in rows:
+        if "tokens_per_s" not in r:
+            continue
+        hf = by.get(("transformers", r["ewc"]), {})
+        off = by.get((r["impl"], False), {})
+        r["speedup_vs_transformers"] = (r["tokens_per_s"] / hf["tokens_per_s"]) if "tokens_per_s" in hf else None
+        r["ewc_overhead"] = (off["tokens_per_s"] / r["tokens_per_s"]) if "tokens_per_s" in off else None
+    result = {"benchmark": "train", "device": str(device), "preset": args.preset, "dtype": str(dtype),
+              "seq_len": args.seq_len, "batch_size": args.batch_size, "mean_doc_len": args.mean_doc_len,
+              "lambda": args.lam, "peak_flops": peak, "peak_flops_source": peak_source, "rows": rows,
+              "machine": machine_info(device)}
+    ours_on = by.get(("gemma-ewc", True), {})
+    for key in ("tokens_per_s", "mfu", "max_memory_gb", "speedup_vs_transformers", "ewc_overhead"):
+        result[f"ours_ewc_{key}"] = ours_on.get(key)
+    print(format_table(rows, ["impl", "ewc", "step_ms", "tokens_per_s", "mfu", "max_memory_gb",
+                              "speedup_vs_transformers", "ewc_overhead", "error"]))
+    if args.out:
+        write_results(args.out, result)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
