@@ -258,8 +258,8 @@ def train_step(model, optimizer, micro_batches: list[dict], *, device: torch.dev
 def train(config: TrainConfig, run_dir: str | Path, *, stop_after: int | None = None, save_final: bool = True,
           step_hook=None) -> TrainSummary:
     """Train (or resume) the run in `run_dir`. `stop_after`: at most this many steps in this invocation, then
-    checkpoint and return (for job time limits; the schedule still spans optim.max_steps). `step_hook(step)` is
-    called after every step (the profiler advances its schedule there)."""
+    checkpoint and return (for job time limits; the schedule still spans optim.max_steps). `step_hook(step, model=,
+    optimizer=)` is called after every step (the profiler advances its schedule there)."""
     from trainer.checkpoint import find_latest, load_checkpoint, save_checkpoint
     from trainer.distributed import init_distributed
     from trainer.flops import device_peak_flops
@@ -362,7 +362,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, stop_after: int | None = 
             log.write(record, o.max_steps)
             interval_tokens, interval_flops, interval_start = 0, 0.0, time.perf_counter()
         if step_hook is not None:
-            step_hook(step + 1)
+            step_hook(step + 1, model=model, optimizer=optimizer)
         every = config.checkpoint.every
         if every and (step + 1) % every == 0 and step + 1 != end_step:
             summary.checkpoint = save(step + 1)
