@@ -247,7 +247,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype = torch.float
 
 def write_hf_checkpoint(path: str | os.PathLike, config, *, shapes: Mapping[str, tuple[int, ...]],
                         fetch: Callable[[str], torch.Tensor], dtype: torch.dtype = torch.bfloat16,
-                        max_shard_bytes: int = 5 * 2**30, tokenizer: str | os.PathLike | None = None) -> Path:
+                        max_shard_bytes: int = 5 * 2**30, tokenizer: str | os.PathLike | None = None,
+                        extra_files: Mapping[str, str] | None = None) -> Path:
     """Write a Hugging Face Gemma2 directory atomically, one shard in memory at a time.
 
     `shapes` maps Hugging Face names to shapes (they plan the shards before any tensor is fetched); `fetch(name)`
@@ -286,6 +287,8 @@ def write_hf_checkpoint(path: str | os.PathLike, config, *, shapes: Mapping[str,
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         if tokenizer is not None:
             (tmp / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return path
 
 

@@ -426,17 +426,25 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: torch.d
     model_config = config_from_hf(json.loads((step_dir / "config.json").read_text()),
                                   source=str(step_dir / "config.json"))
     if tokenizer is None:
-        run_config = tomllib.loads((step_dir / "config.toml").read_text())
-        tokenizer = run_config.get("data", {}).get("tokenizer")
+        tokenizer = tomllib.loads((step_dir / "config.toml").read_text()).get("data", {}).get("tokenizer")
         if tokenizer and not Path(tokenizer).is_file():
             warnings.warn(f"the run's tokenizer {tokenizer} is gone; exporting without tokenizer.model")
             tokenizer = None
     shapes = expected_shapes(model_config)
+    run_config = tomllib.loads((step_dir / "config.toml").read_text())
+    # Read by `gemma-ewc eval` (label, λ) so results and reports name the run without extra flags. λ is only
+    # meaningful for a continued model (model.pretrained set), not for a from-scratch run.
+    continued = bool(run_config.get("model", {}).get("pretrained"))
+    lam = run_config.get("ewc", {}).get("lambda", 0.0) if run_config.get("ewc", {}).get("file") else 0.0
+    metadata = {"label": step_dir.parent.parent.name, "ewc_lambda": lam if continued else None,
+                "checkpoint": str(step_dir.resolve())}
 
     def fetch(hf_name: str) -> torch.Tensor:
         return read_model_tensor(step_dir, from_hf_name(hf_name), torch.empty(shapes[hf_name]))
 
-    return write_hf_checkpoint(out, model_config, shapes=shapes, fetch=fetch, dtype=dtype, tokenizer=tokenizer)
+    path = write_hf_checkpoint(out, model_config, shapes=shapes, fetch=fetch, dtype=dtype, tokenizer=tokenizer,
+                               extra_files={"gemma-ewc.json": json.dumps(metadata, indent=2) + "\n"})
+    return path
 
 
 def configure_export(p: argparse.ArgumentParser) -> None:
