@@ -30,16 +30,16 @@ from trainer.errors import UserError
 
 @dataclass(frozen=True)
 class DemoSettings:
-    documents: int = 2400  # per language
+    documents: int = 1600  # per language
     heldout_fraction: float = 0.1
     vocab_size: int = 512
     seq_len: int = 128
     batch_size: int = 16
-    pretrain_steps: int = 400
+    pretrain_steps: int = 300
     pretrain_lr: float = 3e-3
-    continue_steps: int = 200
+    continue_steps: int = 150
     continue_lr: float = 1e-3
-    ewc_lambda: float = 200.0
+    ewc_lambda: float = 100.0
     fisher_samples: int = 256
 
 
@@ -67,12 +67,12 @@ def _write_documents(path: Path, documents: list[str]) -> Path:
     return path
 
 
-def _texts(args, settings: DemoSettings, out: Path) -> dict[str, dict[str, Path]]:
+def _texts(text_a: str | None, text_b: str | None, settings: DemoSettings, out: Path) -> dict[str, dict[str, Path]]:
     from trainer.data.readers import read_documents
     from trainer.synthetic import generate
 
     texts = {}
-    for key, given in (("a", args.text_a), ("b", args.text_b)):
+    for key, given in (("a", text_a), ("b", text_b)):
         if given:
             if not Path(given).is_file():
                 raise UserError(f"--text-{key} {given} not found")
@@ -127,16 +127,25 @@ def run_demo(args: argparse.Namespace) -> int:
     lam = settings.ewc_lambda if args.lam is None else args.lam
     if lam <= 0:
         raise UserError(f"--lambda must be > 0 (the λ = 0 run is always made), got {lam}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    rows = demo(Path(args.out), settings, lam=lam, text_a=args.text_a, text_b=args.text_b)
+    print("\n" + format_summary(rows))
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; outputs in {args.out} (report.md, "
+          f"perplexity_vs_lambda.png, summary.json, runs/*/metrics.jsonl)", file=sys.stderr)
+    return 0
+
+
+def demo(out: Path, settings: DemoSettings, *, lam: float, text_a: str | None = None,
+         text_b: str | None = None) -> list[dict]:
+    """Run every stage into `out`; returns the summary rows (base, λ = 0, λ > 0)."""
+    out.mkdir(parents=True, exist_ok=True)
     s = settings
-    texts = _texts(args, s, out)
+    texts = _texts(text_a, text_b, s, out)
     tokenizer = _train_tokenizer(texts, s, out)
     for key in ("a", "b"):
         _cli("tokenize", str(texts[key]["train"]), "--tokenizer", str(tokenizer), "--out", str(out / "data" / key),
              "--workers", "1", "--overwrite")
-    common = [f"model.preset=tiny", f"model.vocab_size={s.vocab_size}", "model.attention=eager",
+    common = ["model.preset=tiny", f"model.vocab_size={s.vocab_size}", "model.attention=eager",
               f"data.tokenizer='{tokenizer}'", f"data.seq_len={s.seq_len}", f"data.batch_size={s.batch_size}",
               "optim.warmup=0.05", "optim.weight_decay=0.0", "optim.min_lr_ratio=0.1", "checkpoint.keep=1",
               "logging.every=10", "parallel.device=cpu"]
@@ -169,10 +178,7 @@ def run_demo(args: argparse.Namespace) -> int:
     _cli("report", *map(str, results), "--out", str(out / "report.md"), "--plots", str(out), "--base", "base")
     table = summary_table(results)
     (out / "summary.json").write_text(json.dumps(table, indent=2) + "\n")
-    print("\n" + format_summary(table))
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; outputs in {out} (report.md, "
-          f"perplexity_vs_lambda.png, runs/*/metrics.jsonl)", file=sys.stderr)
-    return 0
+    return table
 
 
 def summary_table(result_files: list[Path]) -> list[dict]:
