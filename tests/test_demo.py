@@ -6,7 +6,7 @@ import pytest
 
 from trainer.demo import DemoSettings, demo, format_summary
 
-SHORT = DemoSettings(documents=400, vocab_size=256, seq_len=96, batch_size=12, pretrain_steps=90,
+SHORT = DemoSettings(documents=400, vocab_size=384, seq_len=96, batch_size=12, pretrain_steps=90,
                      continue_steps=50, fisher_samples=32)
 
 
