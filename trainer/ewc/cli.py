@@ -76,11 +76,15 @@ def _setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def shard_for_fisher(model, *, compute_dtype: torch.dtype) -> None:
-    """FSDP2 over every rank: each decoder block, then the root (embedding, final norm); bf16 compute, fp32 reduce."""
+def shard_for_fisher(model, *, compute_dtype: torch.dtype, reduce_dtype: torch.dtype = torch.float32) -> None:
+    """FSDP2 over every rank: each decoder block, then the root (embedding, final norm).
+
+    Until trainer/parallelize.py exists this is the whole sharding plan: the Fisher needs neither activation
+    checkpointing nor compile. Gradients are reduce-scattered in float32 whatever the compute dtype.
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=reduce_dtype)
     for layer in model.layers:
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
