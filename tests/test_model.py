@@ -155,3 +155,18 @@ def test_published_presets_build_on_meta_without_memory(preset, billions):
 def test_unknown_preset_lists_the_choices():
     with pytest.raises(ValueError, match="gemma2-2b"):
         Gemma2Config.preset("gemma2-7b")
+
+
+def test_labels_give_the_summed_cross_entropy_of_the_logits(seed):
+    config = small_config()
+    model = random_model(config, seed=seed)
+    ids = torch.randint(0, config.vocab_size, (2, 30))
+    labels = torch.randint(0, config.vocab_size, (2, 30))
+    labels[0, :7] = -100
+    loss = model(ids, labels=labels)
+    (g_loss,) = torch.autograd.grad(loss, model.layers[0].mlp.up_proj.weight)
+    logits = model(ids)
+    expected = torch.nn.functional.cross_entropy(logits.view(-1, config.vocab_size), labels.view(-1), reduction="sum")
+    (g_expected,) = torch.autograd.grad(expected, model.layers[0].mlp.up_proj.weight)
+    assert torch.allclose(loss, expected, rtol=1e-5)
+    assert rel_err(g_loss, g_expected) <= 1e-4

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from kernels.linear_cross_entropy import linear_cross_entropy
 from trainer import attention as attn
 
 
@@ -234,13 +235,19 @@ class Gemma2(nn.Module):
         return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, *,
-                kv_cache: "KVCache | None" = None) -> torch.Tensor:
-        """Logits [B, S, vocab] after the final soft-cap.
+                labels: torch.Tensor | None = None, kv_cache: "KVCache | None" = None) -> torch.Tensor:
+        """Logits [B, S, vocab] after the final soft-cap; with `labels`, the summed cross entropy instead.
 
         `position_ids` [B, S]: each restart at 0 begins a new document and attention stays inside documents.
         Without it every row is one document. With `kv_cache`, `input_ids` continue the cached rows.
+        `labels` [B, S] (already shifted; -100 = not scored): returns the float32 SUM of token losses, computed in
+        row chunks so that the [B, S, vocab] logits never exist (kernels/linear_cross_entropy.py). It runs inside
+        forward so that, under FSDP, the tied embedding is still unsharded when the head uses it.
         """
-        return self.logits(self.hidden_states(input_ids, position_ids, kv_cache=kv_cache))
+        hidden = self.hidden_states(input_ids, position_ids, kv_cache=kv_cache)
+        if labels is not None:
+            return linear_cross_entropy(hidden, self.embed_tokens.weight, labels, softcap=self.config.final_softcap)
+        return self.logits(hidden)
 
 
 class KVCache:
