@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import random_model, small_config
+from tests.helpers import random_model, rel_err, small_config
 from trainer.errors import UserError
 from trainer.ewc import estimate_fisher, estimate_fisher_with_stats
 from trainer.ewc.batches import EncodedPrompt, encode_mmlu, pack_prompts, prompt_batches
@@ -234,9 +234,9 @@ def test_packed_prompt_loss_is_the_answer_letter_cross_entropy(sp, seed):
         for (n, _), g in zip(model.named_parameters(), grads):
             ref[n] += g ** 2 / 2
     for n, r in ref.items():
-        # rtol 1e-5, not 1e-9: RMSNorm computes in float32 even for a float64 model (model.py), so packed and
-        # single rows differ in float32 rounding of the norm backward.
-        torch.testing.assert_close(fisher[to_hf_name(n)], r, rtol=1e-5, atol=1e-12)
+        # RMSNorm computes in float32 even for a float64 model (model.py): a norm weight's gradient sums float32
+        # terms over the tokens, which packed and single rows round differently. The rest agrees to float64.
+        assert rel_err(fisher[to_hf_name(n)], r) < (1e-6 if n.endswith("norm.weight") else 1e-10), n
 
 
 def test_prompt_batches_split_global_batches_across_ranks():

@@ -15,7 +15,6 @@ from tests.helpers import random_model, rel_err, small_config
 from trainer.errors import UserError
 from trainer.ewc import estimate_fisher, fisher_divisor, load_ewc, local_index, write_ewc
 from trainer.ewc.batches import row_batches
-from trainer.ewc.cli import shard_for_fisher
 from trainer.hf import to_hf_name
 
 # Odd sizes: the embedding (515 rows) and the MLP (99) split unevenly over 2 ranks.
@@ -42,7 +41,13 @@ def batches(rows, rank=0, world=1):
 
 def sharded_fisher(rank, world, out_dir):
     model = random_model(small_config(**CONFIG), dtype=torch.float64, seed=7)
-    shard_for_fisher(model, compute_dtype=torch.float64, reduce_dtype=torch.float64)
+    # The layout of trainer.parallelize (each block, then the root), in float64 end to end (parallelize's policy
+    # knows bfloat16/float32 only; the CLI test runs it in float32).
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
     fisher = estimate_fisher(model, batches(global_rows(), rank, world))
     names = [to_hf_name(n) for n, _ in model.named_parameters()]
     local = {n: (fisher[n].to_local().clone(), local_index(p)) for n, (_, p) in zip(names, model.named_parameters())}

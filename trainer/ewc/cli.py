@@ -57,14 +57,16 @@ def configure_fisher(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); initialises the process group under torchrun."""
+def _setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether this call created the process group); torchrun sets WORLD_SIZE."""
     want = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    created = False
     if world > 1 and not dist.is_initialized():
         if want.startswith("cuda"):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if want.startswith("cuda") else "gloo")
+        created = True
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         device = (torch.device("cuda", torch.cuda.current_device()) if want.startswith("cuda")
@@ -73,46 +75,22 @@ def _setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
         rank, world, device = 0, 1, torch.device(want)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is available; use --device cpu")
-    return rank, world, device
+    return rank, world, device, created
 
 
-def shard_for_fisher(model, *, compute_dtype: torch.dtype, reduce_dtype: torch.dtype = torch.float32) -> None:
-    """FSDP2 over every rank: each decoder block, then the root (embedding, final norm).
-
-    Until trainer/parallelize.py exists this is the whole sharding plan: the Fisher needs neither activation
-    checkpointing nor compile. Gradients are reduce-scattered in float32 whatever the compute dtype.
-    """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=reduce_dtype)
-    for layer in model.layers:
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
-
-
-def load_sharded_pretrained(path, *, device: torch.device, compute_dtype: torch.dtype, attention_backend: str):
-    """A Hugging Face Gemma2 directory into an FSDP2-sharded float32 model, each rank reading only its rows."""
-    from safetensors import safe_open
-
-    from trainer.ewc.file import local_index
+def load_sharded(path, *, device: torch.device, compute_dtype: str, attention_backend: str):
+    """A Hugging Face Gemma2 directory into an FSDP2 model over every rank (trainer.parallelize), each rank
+    reading only its rows; float32 master weights, `compute_dtype` matmuls, float32 gradient reduction."""
+    from trainer.config import ParallelConfig
     from trainer.hf import HFCheckpoint
     from trainer.model import Gemma2
+    from trainer.parallelize import build_mesh, materialize, parallelize
 
-    checkpoint = HFCheckpoint(path)
+    config = ParallelConfig(param_dtype=compute_dtype, reduce_dtype="float32", device=device.type)
     with torch.device("meta"):
-        model = Gemma2(checkpoint.config, attention_backend=attention_backend)
-    shard_for_fisher(model, compute_dtype=compute_dtype)
-    model.to_empty(device=device)
-    with torch.no_grad():
-        for hf_name, p in named_hf_parameters(model):
-            if hf_name not in checkpoint.file_of:
-                raise UserError(f"{checkpoint.path}: parameter {hf_name} is missing from the checkpoint")
-            if checkpoint.shape(hf_name) != tuple(p.shape):
-                raise UserError(f"{checkpoint.path}: {hf_name} has shape {checkpoint.shape(hf_name)}, config.json "
-                                f"implies {tuple(p.shape)}")
-            with safe_open(checkpoint.file_of[hf_name], framework="pt") as f:
-                local(p).copy_(f.get_slice(hf_name)[local_index(p)])
-    return model
+        model = Gemma2(HFCheckpoint(path).config, attention_backend=attention_backend)
+    parallelize(model, config, mesh=build_mesh(config, device_type=device.type))
+    return materialize(model, device=device, pretrained=path)
 
 
 def _data_sha256(files: list[Path]) -> str:
@@ -140,8 +118,9 @@ def run_fisher(args: argparse.Namespace) -> int:
     from trainer.hf import HFCheckpoint, load_pretrained
     from trainer.prompts import DEFAULT_MMLU_TEMPLATE, load_template, mmlu_files, read_mmlu
 
-    rank, world, device = _setup_distributed(args.device)
-    compute = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    rank, world, device, created_group = _setup_distributed(args.device)
+    compute_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    compute = DTYPES[compute_name]
     if args.max_samples is not None and args.max_samples < 1:
         raise UserError(f"--max-samples must be at least 1, got {args.max_samples}")
     if args.seq_len is not None and args.seq_len < 2:
@@ -193,8 +172,8 @@ def run_fisher(args: argparse.Namespace) -> int:
                         f"entries: the tokenizer does not belong to this model")
 
     if world > 1:
-        model = load_sharded_pretrained(args.model, device=device, compute_dtype=compute,
-                                        attention_backend=args.attention)
+        model = load_sharded(args.model, device=device, compute_dtype=compute_name,
+                             attention_backend=args.attention)
     else:
         model = load_pretrained(args.model, dtype=torch.float32, device=device, attention_backend=args.attention)
     fisher, stats = estimate_fisher_with_stats(model, batches, estimator=args.estimator, compute_dtype=compute,
@@ -203,7 +182,7 @@ def run_fisher(args: argparse.Namespace) -> int:
     meta.update(estimator=args.estimator, samples=stats.samples, batches=stats.batches, batch_size=args.batch_size,
                 scored_tokens=stats.scored_tokens, skipped_batches=stats.skipped_batches,
                 data_sha256=_data_sha256(files), fisher_normalize=args.normalize, fisher_divisor=repr(divisor),
-                compute_dtype=args.dtype or str(compute).removeprefix("torch."), seed=args.seed,
+                compute_dtype=compute_name, seed=args.seed,
                 model=str(Path(args.model).resolve()), world_size=world, tokenizer_sha256=sha256_file(tokenizer))
     anchors = dict(named_hf_parameters(model))
     written = write_ewc(args.out, fisher=fisher, anchor=anchors, metadata=meta,
@@ -213,7 +192,7 @@ def run_fisher(args: argparse.Namespace) -> int:
               f"mini-batches of {args.batch_size}, {stats.scored_tokens} scored tokens; {stats.tokens} tokens in "
               f"{stats.seconds:.1f} s ({stats.tokens_per_s:,.0f} tokens/s) on {world} process(es); "
               f"normalize {args.normalize} (divisor {divisor:.4g}); anchor sha256 {written['anchor_sha256'][:16]}")
-    if dist.is_initialized() and world > 1:
+    if created_group:
         dist.destroy_process_group()
     return 0
 

@@ -6,6 +6,10 @@ Fisher; the reference study used mini-batches of 4. "empirical" scores the data'
 scored label from the model's own predictive distribution (softmax of its logits, full vocabulary), which is the
 Fisher of the model's distribution rather than of the data.
 
+The loss is computed from the final hidden states of the scored positions only, with the chunked LM head +
+soft-cap + cross entropy of kernels/linear_cross_entropy.py: for MMLU (one scored token per prompt) the LM head
+costs nothing, for text it never materialises the [tokens, 256k] logits.
+
 Precision: the parameters (the master copy) are float32, so gradients arrive in float32; `compute_dtype=bfloat16`
 runs the matmuls in bfloat16 through autocast on a plain model (weights stay float32; autocast caches one
 bfloat16 copy per forward) and through the model's own FSDP2 MixedPrecisionPolicy(param_dtype=bf16,
@@ -32,8 +36,7 @@ from typing import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-
+from kernels.linear_cross_entropy import default_chunk_rows, linear_cross_entropy
 from trainer.errors import UserError
 
 IGNORE_INDEX = -100
@@ -91,14 +94,29 @@ class FisherStats:
 
 
 def _register_fsdp_methods(model) -> None:
-    # The root FSDP module unshards its own parameters (embedding, final norm) only around hooked methods; the
-    # Fisher calls hidden_states and logits (so that only scored positions reach the 256k-wide LM head).
+    # The root FSDP module gathers its own parameters (embedding, final norm) only around hooked methods, and its
+    # backward hooks hang on their outputs. The Fisher calls hidden_states instead of forward, so that only the
+    # scored positions reach the 256k-wide LM head (one per prompt for MMLU).
     from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
     if isinstance(model, FSDPModule) and not getattr(model, "_ewc_fsdp_methods", False):
         register_fsdp_forward_method(model, "hidden_states")
-        register_fsdp_forward_method(model, "logits")
         model._ewc_fsdp_methods = True
+
+
+@torch.no_grad()
+def _sample_labels(model, hidden: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One label per row drawn from softmax(logits): the model's own predictive distribution (full vocabulary).
+
+    Rows in chunks so that at most one float32 [chunk, V] block exists at a time.
+    """
+    rows = default_chunk_rows(model.config.vocab_size)
+    out = []
+    for start in range(0, hidden.shape[0], rows):
+        logits = model.logits(hidden[start:start + rows])
+        probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
+        out.append(torch.multinomial(probs, 1, generator=generator).squeeze(1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=hidden.device)
 
 
 def _sum_over_ranks(values: list[float], device) -> list[float]:
@@ -192,15 +210,16 @@ def estimate_fisher_with_stats(model, batches: Iterable[Mapping[str, torch.Tenso
                 stats.skipped_batches += 1
                 continue
             with autocast:
-                hidden = model.hidden_states(input_ids, position_ids)  # [B, S, H]
-                logits = model.logits(hidden[scored])  # [N, V]: only scored positions reach the head
-                logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # CE in >= float32
+                hidden = model.hidden_states(input_ids, position_ids)[scored]  # [N, H]: scored positions only
                 if estimator == "sampled":
-                    with torch.no_grad():
-                        targets = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+                    targets = _sample_labels(model, hidden, generator)
                 else:
                     targets = labels[scored]
-                loss = F.cross_entropy(logits, targets, reduction="sum") * (world / n_scored)
+                # Summed CE in row chunks, the [N, V] logits never kept (kernels/linear_cross_entropy.py). Under
+                # FSDP2 the root group (the embedding = tied head) stays gathered from hidden_states' pre-forward
+                # until backward (FSDP2 never reshards the root after forward), so this is the full weight.
+                loss = linear_cross_entropy(hidden, model.embed_tokens.weight, targets,
+                                            softcap=model.config.final_softcap) * (world / n_scored)
             loss.backward()
             grads = []
             for p in params:
