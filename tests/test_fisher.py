@@ -17,6 +17,7 @@ from trainer.hf import to_hf_name
 from trainer.prompts import MCItem, answer_letter_tokens, format_mmlu_prompt
 
 IGNORE = -100
+nan = float("nan")
 
 
 def fisher_ref(model, batches, *, estimator="empirical", seed=0):
@@ -134,6 +135,9 @@ def test_stats_count_samples_tokens_and_skip_unscored_batches():
     _, stats = estimate_fisher_with_stats(model, batches)
     assert (stats.batches, stats.skipped_batches, stats.samples, stats.tokens) == (2, 1, 7, 32)
     assert stats.scored_tokens == int((batches[0]["labels"] != IGNORE).sum() + (batches[2]["labels"] != IGNORE).sum())
+    from trainer.ewc.fisher import _all_finite
+
+    assert _all_finite([torch.zeros(0), torch.ones(2)]) and not _all_finite([torch.zeros(0), torch.tensor([0, nan])])
     with pytest.raises(ValueError, match="unknown estimator"):
         estimate_fisher(model, batches, estimator="exact")
 

@@ -69,7 +69,13 @@ def sharded_fisher(rank, world, out_dir):
         strict_error = None
     except UserError as exc:
         strict_error = str(exc)
-    return {"local": local, "divisor": divisor, "reloaded": reloaded, "strict_error": strict_error}
+    # torch.chunk semantics where rows run out: 1 row over 2 ranks leaves rank 1 an empty shard.
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = fisher[names[0]].device_mesh
+    chunks = [local_index(distribute_tensor(torch.zeros(rows, 3), mesh, [Shard(0)]))[0] for rows in (1, 5)]
+    return {"local": local, "divisor": divisor, "reloaded": reloaded, "strict_error": strict_error,
+            "chunks": [(c.start, c.stop) for c in chunks]}
 
 
 def tolerance(name: str) -> float:
@@ -95,6 +101,7 @@ def test_two_rank_fsdp2_fisher_equals_single_process(tmp_path):
     for n, full in single.items():
         assert rel_err(on_disk.fisher[n], full) < tolerance(n), n
     assert all(r["reloaded"] for r in results)
+    assert [r["chunks"] for r in results] == [[(0, 1), (0, 3)], [(1, 1), (3, 5)]]
     for r in results:  # both ranks saw rank 1's change (max over ranks) and refused
         assert r["strict_error"] and "largest difference 0.25 in model.layers.1.mlp.gate_proj.weight" in r[
             "strict_error"]

@@ -104,6 +104,15 @@ def _register_fsdp_methods(model) -> None:
         model._ewc_fsdp_methods = True
 
 
+def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """0-dim bool: every element of every tensor is finite. max|x| per tensor in one fused pass (ord=inf cannot
+    overflow, NaN propagates); empty shards (more ranks than rows) are skipped, inf-norm has no identity."""
+    nonempty = [t for t in tensors if t.numel()]
+    if not nonempty:
+        return torch.ones((), dtype=torch.bool, device=tensors[0].device if tensors else "cpu")
+    return torch.stack(torch._foreach_norm(nonempty, ord=float("inf"))).isfinite().all()
+
+
 @torch.no_grad()
 def _sample_labels(model, hidden: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One label per row drawn from softmax(logits): the model's own predictive distribution (full vocabulary).
@@ -226,8 +235,7 @@ def estimate_fisher_with_stats(model, batches: Iterable[Mapping[str, torch.Tenso
                 if p.grad is None:  # a parameter this batch does not reach: its gradient is zero
                     p.grad = torch.zeros_like(p)
                 grads.append(local(p.grad))
-            # max|g| per tensor in one fused pass (ord=inf cannot overflow, NaN propagates); one sync per batch.
-            finite = torch.stack(torch._foreach_norm(grads, ord=float("inf"))).isfinite().all()
+            finite = _all_finite(grads)
             if sharded:
                 flag = finite.to(torch.float64).reshape(1)
                 dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -256,7 +264,7 @@ def estimate_fisher_with_stats(model, batches: Iterable[Mapping[str, torch.Tenso
         raise UserError("no mini-batch had a scored token: the data gave nothing to estimate the Fisher from")
     torch._foreach_div_(sums, float(stats.batches))
     # Squares of finite float32 values can still overflow (|g| > 1.8e19): check the sums once.
-    finite = torch.stack(torch._foreach_norm(sums, ord=float("inf"))).isfinite()
+    finite = torch.stack([_all_finite([s]) for s in sums])
     if sharded:
         finite = finite.to(torch.float64)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
