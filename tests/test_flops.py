@@ -34,3 +34,12 @@ def test_matmul_params_exclude_norms_only():
     model = Gemma2(config)
     norms = sum(p.numel() for n, p in model.named_parameters() if n.endswith("norm.weight"))
     assert matmul_params(config) == sum(p.numel() for p in model.parameters()) - norms
+
+
+def test_batch_flops_match_per_row_document_counts():
+    from trainer.flops import batch_flops_per_token
+
+    config = small_config(sliding_window=4)
+    pos = torch.stack([torch.cat([torch.arange(3, 9), torch.arange(10)]), torch.cat([torch.arange(7), torch.arange(9)])])
+    per_row = [training_flops_per_token(config, 16, doc_lengths=d) for d in ([6, 10], [7, 9])]
+    assert batch_flops_per_token(config, pos) == pytest.approx(sum(per_row) / 2)

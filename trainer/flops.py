@@ -80,3 +80,28 @@ def _measured_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def segment_lengths(position_ids: torch.Tensor) -> "list[int]":
+    """Lengths of the attention segments of packed rows: a segment starts at each position 0 and at each row start."""
+    starts = position_ids == 0
+    starts[:, 0] = True
+    rows, width = starts.shape
+    flat = torch.nonzero(starts.reshape(-1)).squeeze(1)
+    ends = torch.cat([flat[1:], flat.new_tensor([rows * width])])
+    return (ends - flat).tolist()
+
+
+def batch_flops_per_token(config, position_ids: torch.Tensor) -> float:
+    """training_flops_per_token for a packed batch [B, S], vectorised over its segments."""
+    lengths = torch.tensor(segment_lengths(position_ids.cpu()), dtype=torch.float64)
+    tokens = float(lengths.sum())
+    full = lengths * (lengths + 1) / 2
+    keys = 0.0
+    for layer in range(config.num_layers):
+        if config.is_sliding(layer):
+            w = float(config.sliding_window)
+            keys += float(torch.where(lengths <= w, full, w * (w + 1) / 2 + (lengths - w) * w).sum())
+        else:
+            keys += float(full.sum())
+    return 6 * matmul_params(config) + 3 * 4 * config.num_heads * config.head_dim * keys / tokens

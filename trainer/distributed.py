@@ -1,0 +1,54 @@
+"""Process-group setup shared by every command that may run under torchrun (train, fisher, eval)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from trainer.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistributedEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: str = "auto") -> DistributedEnv:
+    """Initialise torch.distributed (once): from torchrun's environment, or as a single-process group.
+
+    A single process also gets a process group (world size 1), so one code path serves 1 and N ranks: FSDP2,
+    DCP checkpoints and the optimizer's reductions behave identically. CUDA ranks use NCCL, CPU ranks gloo.
+    """
+    if device not in ("auto", "cuda", "cpu"):
+        raise UserError(f"device must be auto, cuda or cpu, got {device!r}")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError("device cuda was asked for, but no CUDA device is available; use device cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return DistributedEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev)

@@ -1,0 +1,420 @@
+"""`gemma-ewc train` and `gemma-ewc export`: the FSDP2 training loop with EWC fused into the optimizer step.
+
+One code path for one CPU process and for torchrun on many GPUs and nodes: a single process also runs in a
+(world size 1) process group, so sharding, checkpoints and reductions are the same everywhere.
+
+Per optimizer step: `grad_accum` micro-batches from the packed loader; each micro-batch's loss is its summed token
+cross entropy (chunked LM head, no [B, S, vocab] logits) times world_size / (scored tokens of the global batch), so
+that FSDP's averaging reduce-scatter yields the gradient of the global mean token loss; then the gradient norms
+(and clipping, mode "task" or "total"), a guard that skips non-finite steps, and EWCAdamW's fused step, which adds
+λ·F⊙(θ − θ*) on each rank's own shard. Metrics go to RUN_DIR/metrics.jsonl and a one-line display on rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from trainer.config import TrainConfig, load_config, to_toml
+from trainer.errors import UserError
+from trainer.fileio import atomic_path, sha256_file
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. the loss stayed non-finite): the message says why and what to change."""
+
+
+@dataclass
+class TrainSummary:
+    run_dir: Path
+    first_step: int  # 0 for a fresh run, the checkpoint's step after a resume
+    last_step: int
+    losses: list[float] = field(default_factory=list)  # per step of this invocation
+    skipped_steps: int = 0
+    checkpoint: Path | None = None
+
+
+# ----------------------------------------------------------------------------------------------------- building
+
+
+def model_config_of(config: TrainConfig):
+    from trainer.hf import HFCheckpoint
+    from trainer.model import Gemma2Config
+
+    m = config.model
+    if m.pretrained:
+        return HFCheckpoint(m.pretrained).config
+    try:
+        base = Gemma2Config.preset(m.preset)
+    except ValueError as exc:
+        raise UserError(f"model.preset: {exc}") from None
+    if m.vocab_size:
+        import dataclasses
+
+        base = dataclasses.replace(base, vocab_size=m.vocab_size)
+    return base
+
+
+def build_model(config: TrainConfig, *, device: torch.device, mesh):
+    """Meta-device Gemma2 -> FSDP2 -> each rank's shard filled (pretrained weights or seeded init)."""
+    from trainer.model import Gemma2
+    from trainer.parallelize import materialize, parallelize
+
+    model_config = model_config_of(config)
+    with torch.device("meta"):
+        model = Gemma2(model_config, attention_backend=config.model.attention)
+    parallel = config.parallel
+    if device.type == "cpu" and parallel.param_dtype == "bfloat16":
+        # bfloat16 matmuls on CPU are slow and gain nothing; CPU runs compute in float32.
+        import dataclasses
+
+        parallel = dataclasses.replace(parallel, param_dtype="float32")
+    parallelize(model, parallel, mesh=mesh)
+    materialize(model, device=device, pretrained=config.model.pretrained, seed=config.seed)
+    return model
+
+
+def param_groups(model, weight_decay: float) -> tuple[list[dict], list[str]]:
+    """Matrices decay, norm weights do not; returns the groups and the parameter names in group order."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 else no_decay).append((name, p))
+    groups = [{"params": [p for _, p in decay], "weight_decay": weight_decay},
+              {"params": [p for _, p in no_decay], "weight_decay": 0.0}]
+    return groups, [n for n, _ in decay + no_decay]
+
+
+def build_loader(config: TrainConfig, *, rank: int, world_size: int, vocab_size: int):
+    from trainer.data.loader import PackedLoader
+
+    d = config.data
+    if not d.stores:
+        raise UserError("data.stores is empty: give the token store(s) to train on (made by `gemma-ewc tokenize`)")
+    for store in d.stores:
+        if not Path(store).is_dir():
+            raise UserError(f"token store {store} not found; make it with `gemma-ewc tokenize ... --out {store}`")
+    tokenizer_hash = sha256_file(d.tokenizer) if d.tokenizer else None
+    loader = PackedLoader(d.stores, weights=d.weights or None, seq_len=d.seq_len, batch_size=d.batch_size,
+                          seed=d.seed, rank=rank, world_size=world_size, num_workers=d.num_workers,
+                          tokenizer_hash=tokenizer_hash, pin_memory=torch.cuda.is_available())
+    for store in loader.stores:
+        if store.vocab_size > vocab_size:
+            raise UserError(f"token store {store.path} has a vocabulary of {store.vocab_size}, the model only "
+                            f"{vocab_size}: set model.vocab_size or use a matching tokenizer")
+    return loader
+
+
+def attach_ewc(config: TrainConfig, model, optimizer, names: list[str]) -> dict:
+    """Load the EWC file sharded like the parameters and hand F and θ* to the optimizer; returns its description."""
+    from trainer.ewc import load_ewc
+    from trainer.hf import to_hf_name
+
+    e = config.ewc
+    if not e.file:
+        return {}
+    if not Path(e.file).is_file():
+        raise UserError(f"EWC file {e.file} not found (make it with `gemma-ewc fisher`)")
+    state = load_ewc(e.file, model, strict=e.strict_anchor, normalize=e.fisher_normalize,
+                     fisher_dtype=_DTYPES[e.fisher_dtype], anchor_dtype=_DTYPES[e.anchor_dtype])
+    fisher = [state.fisher[to_hf_name(n)] for n in names]
+    anchor = [state.anchor[to_hf_name(n)] for n in names]
+    optimizer.set_ewc_state(fisher, anchor, e.lam)
+    return {"ewc_file": str(e.file), "ewc_sha256": sha256_file(e.file),
+            "fisher_normalize_divisor": state.normalize_divisor, "anchor_max_diff": state.max_anchor_diff}
+
+
+# ------------------------------------------------------------------------------------------------------ metrics
+
+
+def _max_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class MetricsLog:
+    """metrics.jsonl (rank 0), an optional TensorBoard writer, and the one-line progress display."""
+
+    def __init__(self, run_dir: Path, *, resume_step: int, enabled: bool, progress: bool, tensorboard: bool):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.progress = progress and enabled
+        self.tty = sys.stderr.isatty()
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            # After a resume, the steps logged past the checkpoint are replayed: drop their old lines.
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in kept))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                warnings.warn("logging.tensorboard = true but tensorboard is not installed: pip install tensorboard")
+
+    def write(self, record: dict, max_steps: int) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(key, value, record["step"])
+        if self.progress:
+            ratio = record.get("ewc_task_ratio")
+            line = (f"step {record['step']}/{max_steps} | loss {record['loss']:.4f} | ewc {record['ewc_penalty']:.3g}"
+                    + (f" | ewc/task grad {ratio:.3g}" if ratio is not None else "")
+                    + f" | lr {record['lr']:.3g} | {record['tokens_per_s']:,.0f} tok/s"
+                    + (f" | mfu {100 * record['mfu']:.1f}%" if record.get("mfu") is not None else "")
+                    + f" | mem {record['max_memory_gb']:.2f} GB")
+            if record.get("skipped"):
+                line += " | SKIPPED (non-finite)"
+            print(("\r" + line.ljust(120)) if self.tty else line, file=sys.stderr, end="" if self.tty else "\n",
+                  flush=True)
+
+    def close(self) -> None:
+        if self.progress and self.tty:
+            print(file=sys.stderr)
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ------------------------------------------------------------------------------------------------------- train
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def train(config: TrainConfig, run_dir: str | Path, *, stop_after: int | None = None) -> TrainSummary:
+    """Train (or resume) the run in `run_dir`. `stop_after`: at most this many steps in this invocation, then
+    checkpoint and return (for job time limits; the schedule still spans optim.max_steps)."""
+    from trainer.checkpoint import find_latest, load_checkpoint, save_checkpoint
+    from trainer.distributed import init_distributed
+    from trainer.flops import batch_flops_per_token, device_peak_flops
+    from trainer.hf import config_to_hf
+    from trainer.optim import EWCAdamW, lr_at, set_lr
+    from trainer.parallelize import build_mesh
+
+    env = init_distributed(config.parallel.device)
+    device = env.device
+    run_dir = Path(run_dir)
+    if config.parallel.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(config.seed + env.rank)
+    config_toml = to_toml(config)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        print(f"# resolved configuration ({env.world_size} rank(s), {device.type})\n{config_toml}", file=sys.stderr)
+
+    mesh = build_mesh(config.parallel, device_type=device.type)
+    model = build_model(config, device=device, mesh=mesh)
+    model.train()
+    o = config.optim
+    groups, names = param_groups(model, o.weight_decay)
+    optimizer = EWCAdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                         backend=o.backend)
+    ewc_info = attach_ewc(config, model, optimizer, names)
+    loader = build_loader(config, rank=env.rank, world_size=env.world_size, vocab_size=model.config.vocab_size)
+
+    checkpoint_dir = run_dir / "checkpoints"
+    start_step = 0
+    latest = find_latest(checkpoint_dir) if config.checkpoint.resume else None
+    if latest is not None:
+        state, rank_state = load_checkpoint(latest, model=model, optimizer=optimizer)
+        if ewc_info.get("ewc_sha256") != state.get("ewc_sha256"):
+            raise UserError(f"{latest} was trained with EWC file {state.get('ewc_file')} "
+                            f"(sha256 {str(state.get('ewc_sha256'))[:12]}), this run has {ewc_info.get('ewc_file')} "
+                            f"(sha256 {str(ewc_info.get('ewc_sha256'))[:12]}); resume with the same EWC file")
+        loader.load_state_dict(rank_state["loader"])
+        _set_rng_state(rank_state["rng"], device)
+        start_step = int(state["step"])
+        if env.is_main:
+            print(f"# resumed from {latest} at step {start_step}", file=sys.stderr)
+
+    log = MetricsLog(run_dir, resume_step=start_step, enabled=env.is_main, progress=config.logging.progress,
+                     tensorboard=config.logging.tensorboard)
+    peak_flops, _ = device_peak_flops(str(device), _DTYPES[config.parallel.param_dtype]
+                                      if device.type == "cuda" else torch.float32)
+    summary = TrainSummary(run_dir, start_step, start_step)
+    end_step = o.max_steps if stop_after is None else min(o.max_steps, start_step + stop_after)
+    batches = iter(loader)
+    bad_in_a_row = 0
+    interval_tokens, interval_flops, interval_start = 0, 0.0, time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def save(step: int) -> Path:
+        state = {**ewc_info, "loss": summary.losses[-1] if summary.losses else None}
+        return save_checkpoint(checkpoint_dir, step, model=model, optimizer=optimizer,
+                               rank_state={"loader": loader.state_dict(), "rng": _rng_state(device)},
+                               state=state, config_toml=config_toml,
+                               model_config_json=config_to_hf(model.config), keep=config.checkpoint.keep)
+
+    for step in range(start_step, end_step):
+        lr = lr_at(step, base_lr=o.lr, total_steps=o.max_steps, schedule=o.schedule,
+                   warmup=int(o.warmup) if o.warmup >= 1 else o.warmup, min_lr_ratio=o.min_lr_ratio)
+        set_lr(optimizer, lr)
+        micro = [next(batches) for _ in range(config.data.grad_accum)]
+        scored = torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in micro)), device=device)
+        dist.all_reduce(scored)
+        scale = env.world_size / scored.clamp(min=1.0)
+        loss_sum = torch.zeros((), device=device)
+        for batch in micro:
+            ids, labels, pos = (batch[k].to(device, non_blocking=True) for k in ("input_ids", "labels",
+                                                                                 "position_ids"))
+            loss = model(ids, position_ids=pos, labels=labels)
+            (loss * scale).backward()
+            loss_sum += loss.detach()
+            interval_tokens += ids.numel() * env.world_size
+            interval_flops += batch_flops_per_token(model.config, batch["position_ids"]) * ids.numel() \
+                * env.world_size
+        dist.all_reduce(loss_sum)
+        task_norm, total_norm = optimizer.clip_grad_norm_(o.clip or None, mode=config.ewc.clip)
+        step_loss = (loss_sum / scored.clamp(min=1.0)).item()
+        finite = math.isfinite(step_loss) and bool(torch.isfinite(task_norm))
+        if finite:
+            optimizer.step()
+            bad_in_a_row = 0
+        else:
+            optimizer.zero_grad()
+            summary.skipped_steps += 1
+            bad_in_a_row += 1
+            if bad_in_a_row >= config.max_bad_steps:
+                raise TrainingError(f"the loss or gradient was non-finite in {bad_in_a_row} consecutive steps "
+                                    f"(last: step {step + 1}, loss {step_loss}); lower optim.lr, check the data, "
+                                    f"or resume from an earlier checkpoint")
+        optimizer.zero_grad()
+        summary.losses.append(step_loss)
+        summary.last_step = step + 1
+
+        if (step + 1) % config.logging.every == 0 or step + 1 == end_step:
+            penalty = float(optimizer.last_penalty) if finite else float("nan")
+            ewc_norm = float(optimizer.last_ewc_grad_norm) if finite else float("nan")
+            grad_norm = float(task_norm)
+            elapsed = time.perf_counter() - interval_start
+            record = {
+                "step": step + 1, "loss": step_loss, "ewc_penalty": penalty, "ewc_grad_norm": ewc_norm,
+                "grad_norm": grad_norm, "total_grad_norm": float(total_norm) if total_norm is not None else None,
+                "ewc_task_ratio": ewc_norm / grad_norm if grad_norm > 0 and ewc_info else None,
+                "lr": lr, "tokens_per_s": interval_tokens / elapsed,
+                "mfu": interval_flops / elapsed / (peak_flops * env.world_size),
+                "max_memory_gb": _max_memory_gb(device), "skipped": not finite,
+                "skipped_total": summary.skipped_steps,
+            }
+            log.write(record, o.max_steps)
+            interval_tokens, interval_flops, interval_start = 0, 0.0, time.perf_counter()
+        every = config.checkpoint.every
+        if every and (step + 1) % every == 0 and step + 1 != end_step:
+            summary.checkpoint = save(step + 1)
+            interval_start = time.perf_counter()  # checkpoint time is not training time
+    if summary.last_step > start_step or latest is None:
+        summary.checkpoint = save(summary.last_step)
+    log.close()
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+
+
+def configure_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="run configuration (TOML); see configs/")
+    p.add_argument("--out", default=None, help="run directory: metrics.jsonl and checkpoints (default runs/<name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a configuration value, e.g. --set optim.lr=1e-4 (repeatable)")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="train at most N steps in this invocation, then checkpoint and exit (job time limits)")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    try:
+        summary = train(config, run_dir, stop_after=args.stop_after)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if summary.losses:
+        print(f"trained steps {summary.first_step + 1}..{summary.last_step}, final loss {summary.losses[-1]:.4f}, "
+              f"checkpoint {summary.checkpoint}")
+    return 0
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step directory, a checkpoints directory or a run directory -> the step directory (newest complete)."""
+    from trainer.checkpoint import find_latest, is_complete
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"checkpoint {path} not found")
+    if is_complete(path):
+        return path
+    for candidate in (path, path / "checkpoints"):
+        found = find_latest(candidate)
+        if found is not None:
+            return found
+    raise UserError(f"{path} holds no complete training checkpoint")
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = torch.bfloat16,
+                      tokenizer: str | None = None) -> Path:
+    """A training checkpoint -> a Hugging Face Gemma2 directory, reading one tensor at a time (no process group)."""
+    from trainer.checkpoint import read_model_tensor
+    from trainer.config import tomllib
+    from trainer.hf import config_from_hf, expected_shapes, from_hf_name, write_hf_checkpoint
+
+    step_dir = resolve_checkpoint(checkpoint)
+    model_config = config_from_hf(json.loads((step_dir / "config.json").read_text()),
+                                  source=str(step_dir / "config.json"))
+    if tokenizer is None:
+        run_config = tomllib.loads((step_dir / "config.toml").read_text())
+        tokenizer = run_config.get("data", {}).get("tokenizer")
+        if tokenizer and not Path(tokenizer).is_file():
+            warnings.warn(f"the run's tokenizer {tokenizer} is gone; exporting without tokenizer.model")
+            tokenizer = None
+    shapes = expected_shapes(model_config)
+
+    def fetch(hf_name: str) -> torch.Tensor:
+        return read_model_tensor(step_dir, from_hf_name(hf_name), torch.empty(shapes[hf_name]))
+
+    return write_hf_checkpoint(out, model_config, shapes=shapes, fetch=fetch, dtype=dtype, tokenizer=tokenizer)
+
+
+def configure_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a step directory, or a run directory (its newest complete checkpoint)")
+    p.add_argument("--out", required=True, help="the Hugging Face Gemma2 directory to write")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16", help="weight dtype (default bfloat16)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model to include (default: the run's data.tokenizer)")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    out = export_checkpoint(args.checkpoint, args.out, dtype=_DTYPES[args.dtype], tokenizer=args.tokenizer)
+    print(f"exported {resolve_checkpoint(args.checkpoint)} -> {out}")
+    return 0
