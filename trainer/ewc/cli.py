@@ -1,8 +1,10 @@
 """`gemma-ewc fisher` and `gemma-ewc ewc {merge,import-legacy}`.
 
-One process, or many under torchrun (the model is then sharded with FSDP2, each rank computes on its part of
-every global mini-batch and accumulates only its own shard; rank 0 writes the file, gathering one tensor at a
-time).
+`fisher` runs in one process or many under torchrun, on one code path as training does: a process group always
+(trainer.distributed), the model sharded with FSDP2 over every rank (trainer.parallelize; float32 master weights,
+bfloat16 or float32 compute, float32 gradient reduction), each rank reading only its rows of the checkpoint,
+computing on its part of every global mini-batch and accumulating only its own Fisher shard; rank 0 writes the
+file, gathering one tensor at a time.
 """
 
 from __future__ import annotations
@@ -48,34 +50,14 @@ def configure_fisher(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="order of MMLU items and the sampled labels")
     p.add_argument("--dtype", choices=COMPUTE_DTYPES, default=None,
                    help="compute dtype (gradients and sums stay float32); default bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="auto: cuda when available (under torchrun: this rank's GPU)")
     p.add_argument("--attention", default="auto", help="attention backend: auto, eager, flex, flash")
     p.add_argument("--prompt-template", default=None,
                    help="MMLU prompt template file with {subject} {examples} {question} {options} {answer}")
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: MODEL/tokenizer.model)")
     p.add_argument("--text-field", default="text", help="text: the field of JSON lines / Parquet records")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def _setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device, bool]:
-    """(rank, world size, device, whether this call created the process group); torchrun sets WORLD_SIZE."""
-    want = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    created = False
-    if world > 1 and not dist.is_initialized():
-        if want.startswith("cuda"):
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if want.startswith("cuda") else "gloo")
-        created = True
-    if dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = (torch.device("cuda", torch.cuda.current_device()) if want.startswith("cuda")
-                  else torch.device("cpu"))
-    else:
-        rank, world, device = 0, 1, torch.device(want)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is available; use --device cpu")
-    return rank, world, device, created
 
 
 def load_sharded(path, *, device: torch.device, compute_dtype: str, attention_backend: str):
@@ -115,10 +97,22 @@ def _load_sp(path: Path):
 
 
 def run_fisher(args: argparse.Namespace) -> int:
-    from trainer.hf import HFCheckpoint, load_pretrained
+    created_group = not dist.is_initialized()
+    try:
+        return _fisher(args)
+    finally:
+        if created_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _fisher(args: argparse.Namespace) -> int:
+    from trainer.distributed import init_distributed
+    from trainer.hf import HFCheckpoint
     from trainer.prompts import DEFAULT_MMLU_TEMPLATE, load_template, mmlu_files, read_mmlu
 
-    rank, world, device, created_group = _setup_distributed(args.device)
+    # One code path for 1 and N ranks (as training): a process group always, the model always FSDP2-sharded.
+    env = init_distributed(args.device)
+    rank, world, device = env.rank, env.world_size, env.device
     compute_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     compute = DTYPES[compute_name]
     if args.max_samples is not None and args.max_samples < 1:
@@ -171,11 +165,7 @@ def run_fisher(args: argparse.Namespace) -> int:
         raise UserError(f"{tokenizer} produced token id {top}, but the model's vocabulary has {config.vocab_size} "
                         f"entries: the tokenizer does not belong to this model")
 
-    if world > 1:
-        model = load_sharded(args.model, device=device, compute_dtype=compute_name,
-                             attention_backend=args.attention)
-    else:
-        model = load_pretrained(args.model, dtype=torch.float32, device=device, attention_backend=args.attention)
+    model = load_sharded(args.model, device=device, compute_dtype=compute_name, attention_backend=args.attention)
     fisher, stats = estimate_fisher_with_stats(model, batches, estimator=args.estimator, compute_dtype=compute,
                                                seed=args.seed, progress=not args.quiet, total_samples=n_samples)
     divisor = normalize_fisher_(fisher, args.normalize)
@@ -192,8 +182,6 @@ def run_fisher(args: argparse.Namespace) -> int:
               f"mini-batches of {args.batch_size}, {stats.scored_tokens} scored tokens; {stats.tokens} tokens in "
               f"{stats.seconds:.1f} s ({stats.tokens_per_s:,.0f} tokens/s) on {world} process(es); "
               f"normalize {args.normalize} (divisor {divisor:.4g}); anchor sha256 {written['anchor_sha256'][:16]}")
-    if created_group:
-        dist.destroy_process_group()
     return 0
 
 
