@@ -132,3 +132,40 @@ def test_fisher_command_on_two_ranks_equals_one(workspace, tmp_path):
     assert b.metadata["world_size"] == "2" and b.metadata["anchor_sha256"] == a.metadata["anchor_sha256"]
     for n, f in a.fisher.items():
         assert rel_err(b.fisher[n], f) < 1e-4, n
+
+
+def test_text_rows_follow_the_packer_contract(workspace, tmp_path):
+    import sentencepiece as spm
+
+    from trainer.ewc.batches import text_rows
+
+    sp = spm.SentencePieceProcessor(model_file=str(workspace / "tok.model"))
+    docs = ["the water of the cell", "energy", "more about the question and the answer of all"]
+    (tmp_path / "c.txt").write_text("\n\n".join(docs) + "\n\n\n")
+    rows = text_rows(tmp_path / "c.txt", tokenizer=workspace / "tok.model", seq_len=8, pad_id=0)
+    stream = [t for d in docs for t in [2, *sp.encode(d), 1]]
+    n = len(stream)
+    ids, labels, pos = (rows[k].reshape(-1) for k in ("input_ids", "labels", "position_ids"))
+    assert rows["input_ids"].shape == (-(-n // 8), 8) and ids[:n].tolist() == stream and (ids[n:] == 0).all()
+    starts = [i for i, t in enumerate(stream) if t == 2]
+    assert [i for i in range(n) if pos[i] == 0] == starts  # positions restart at each BOS, count on across rows
+    for i in range(len(ids) - 1):
+        expected = stream[i + 1] if i + 1 < n and i + 1 not in starts else -100
+        assert labels[i] == expected, i
+    assert labels[-1] == -100
+
+
+def test_fisher_command_text_format(workspace, tmp_path):
+    (tmp_path / "corpus.txt").write_text("the water of the cell\nand more\n\nenergy for all\n\nthe question\n")
+    out = tmp_path / "t.safetensors"
+    args = fisher_args(workspace, out, "--seq-len", "16")
+    args[args.index("--data") + 1], args[args.index("--format") + 1] = str(tmp_path / "corpus.txt"), "text"
+    assert main(args) == 0
+    meta = read_header(out).metadata
+    assert meta["data"].startswith("text:") and meta["seq_len"] == "16" and int(meta["samples"]) >= 2
+    from trainer.ewc.batches import row_batches, text_rows
+
+    rows = text_rows(tmp_path / "corpus.txt", tokenizer=workspace / "tok.model", seq_len=16)
+    expected = estimate_fisher(load_pretrained(workspace / "model"), row_batches(rows, batch_size=2, pad_id=0))
+    for n, f in load_ewc(out).fisher.items():
+        assert rel_err(f, expected[n]) < 1e-5, n

@@ -31,7 +31,8 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 
 def configure_fisher(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Hugging Face Gemma2 directory (config.json, safetensors)")
-    p.add_argument("--data", required=True, help="MMLU file or directory (CSV / Parquet / JSON), or a text corpus")
+    p.add_argument("--data", required=True,
+                   help="MMLU file or directory (CSV / Parquet / JSON), or plain text (documents between blank lines)")
     p.add_argument("--format", required=True, choices=("mmlu", "text"),
                    help="mmlu: cross entropy of the answer letter; text: language-model loss over documents")
     p.add_argument("--out", required=True, help="EWC file to write (safetensors)")
@@ -56,7 +57,6 @@ def configure_fisher(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-template", default=None,
                    help="MMLU prompt template file with {subject} {examples} {question} {options} {answer}")
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: MODEL/tokenizer.model)")
-    p.add_argument("--text-field", default="text", help="text: the field of JSON lines / Parquet records")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -152,7 +152,8 @@ def _fisher(args: argparse.Namespace) -> int:
                          f"loss: cross entropy of the answer letter)")
     else:
         seq_len = args.seq_len or 2048
-        rows = text_rows(data, tokenizer=tokenizer, seq_len=seq_len, text_field=args.text_field)
+        _load_sp(tokenizer)  # a clear error for a missing or broken tokenizer
+        rows = text_rows(data, tokenizer=tokenizer, seq_len=seq_len, pad_id=config.pad_token_id)
         if args.max_samples:
             rows = {k: v[:args.max_samples] for k, v in rows.items()}
         top = int(rows["input_ids"].max())
