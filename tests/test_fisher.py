@@ -46,13 +46,13 @@ def fisher_ref(model, batches, *, estimator="empirical", seed=0):
 
 
 def random_batches(config, *, n_batches, rows, seq_len, seed):
-    """Packed rows (two or three documents each) with some unscored positions."""
+    """Packed rows (two documents each); the first batch scores every position, the others about 70%."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(n_batches):
+    for b in range(n_batches):
         ids = torch.randint(0, config.vocab_size, (rows, seq_len), generator=g)
         labels = torch.randint(0, config.vocab_size, (rows, seq_len), generator=g)
-        labels[torch.rand(rows, seq_len, generator=g) < 0.3] = IGNORE
+        labels[torch.rand(rows, seq_len, generator=g) < (0.3 if b else 0.0)] = IGNORE
         pos = torch.empty(rows, seq_len, dtype=torch.long)
         for r in range(rows):
             cut = int(torch.randint(3, seq_len - 3, (1,), generator=g))
@@ -251,3 +251,33 @@ def test_prompt_batches_split_global_batches_across_ranks():
     assert [[b["num_samples"] for b in r] for r in ranks] == [[2, 1], [1, 1]]
     few = [list(prompt_batches(prompts[:1], batch_size=1, pad_id=0, rank=r, world_size=2)) for r in range(2)]
     assert few[1][0]["num_samples"] == 0 and (few[1][0]["labels"] == IGNORE).all()  # a dummy keeps FSDP in step
+
+
+def test_read_mmlu_layouts(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from trainer.prompts import DEFAULT_MMLU_TEMPLATE, check_template, read_mmlu
+
+    check_template(DEFAULT_MMLU_TEMPLATE)
+    records = [{"question": "Q1?", "subject": "anatomy", "choices": ["a", "b", "c", "d"], "answer": 2},
+               {"question": "Q2?", "subject": "virology", "choices": ["e", "f", "g", "h"], "answer": 0}]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "test-00000-of-00001.parquet")
+    (tmp_path / "hendrycks").mkdir()
+    (tmp_path / "hendrycks" / "college_physics_test.csv").write_text('"What, then?",w,x,y,z,D\n')
+    items = read_mmlu(tmp_path)
+    assert items == [MCItem("What, then?", ("w", "x", "y", "z"), 3, "college_physics"),
+                     MCItem("Q1?", ("a", "b", "c", "d"), 2, "anatomy"), MCItem("Q2?", ("e", "f", "g", "h"), 0,
+                                                                             "virology")]
+    (tmp_path / "bad.jsonl").write_text('{"question": "Q", "choices": ["a", "b"], "answer": 5}\n')
+    with pytest.raises(UserError, match=r"bad\.jsonl:1: answer 5 is not an index 0\.\.1"):
+        read_mmlu(tmp_path / "bad.jsonl")
+
+
+def test_read_shared_mmlu_sample(shared_data):
+    from trainer.prompts import read_mmlu
+
+    items = read_mmlu(shared_data / "benchmarks" / "mmlu" / "dev")
+    assert len(items) == 285 and len({i.subject for i in items}) == 57
+    assert all(len(i.choices) == 4 and 0 <= i.answer < 4 for i in items)
+    assert items[0].subject == "abstract_algebra" and items[0].question.startswith("Find all c in Z_3")

@@ -219,11 +219,13 @@ def estimate_fisher_with_stats(model, batches: Iterable[Mapping[str, torch.Tenso
                 stats.skipped_batches += 1
                 continue
             with autocast:
-                hidden = model.hidden_states(input_ids, position_ids)[scored]  # [N, H]: scored positions only
+                hidden = model.hidden_states(input_ids, position_ids)
+                if local_counts[0] == scored.numel():  # every position scored (text): a view, no gather
+                    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+                else:  # [N, H]: the scored positions only (one per prompt for MMLU)
+                    hidden, targets = hidden[scored], labels[scored]
                 if estimator == "sampled":
                     targets = _sample_labels(model, hidden, generator)
-                else:
-                    targets = labels[scored]
                 # Summed CE in row chunks, the [N, V] logits never kept (kernels/linear_cross_entropy.py). Under
                 # FSDP2 the root group (the embedding = tied head) stays gathered from hidden_states' pre-forward
                 # until backward (FSDP2 never reshards the root after forward), so this is the full weight.
