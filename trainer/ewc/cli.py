@@ -23,7 +23,7 @@ import torch.distributed as dist
 from trainer.errors import UserError
 from trainer.ewc.batches import (corpus_files, encode_mmlu, prompt_batches, row_batches, text_rows)
 from trainer.ewc.file import DTYPES, NORMALIZE_MODES, merge_ewc, normalize_fisher_, write_ewc
-from trainer.ewc.fisher import ESTIMATORS, estimate_fisher_with_stats, local, named_hf_parameters
+from trainer.ewc.fisher import ESTIMATORS, estimate_fisher_with_stats, named_hf_parameters
 from trainer.fileio import sha256_file
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -110,16 +110,16 @@ def _fisher(args: argparse.Namespace) -> int:
     from trainer.hf import HFCheckpoint
     from trainer.prompts import DEFAULT_MMLU_TEMPLATE, load_template, mmlu_files, read_mmlu
 
-    # One code path for 1 and N ranks (as training): a process group always, the model always FSDP2-sharded.
-    env = init_distributed(args.device)
-    rank, world, device = env.rank, env.world_size, env.device
-    compute_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    compute = DTYPES[compute_name]
     if args.max_samples is not None and args.max_samples < 1:
         raise UserError(f"--max-samples must be at least 1, got {args.max_samples}")
     if args.seq_len is not None and args.seq_len < 2:
         raise UserError(f"--seq-len must be at least 2, got {args.seq_len}")
     config = HFCheckpoint(args.model).config  # validates the directory before any heavy work
+    # One code path for 1 and N ranks (as training): a process group always, the model always FSDP2-sharded.
+    env = init_distributed(args.device)
+    rank, world, device = env.rank, env.world_size, env.device
+    compute_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    compute = DTYPES[compute_name]
     tokenizer = Path(args.tokenizer) if args.tokenizer else Path(args.model) / "tokenizer.model"
     data = Path(args.data)
     meta: dict[str, object] = {}
