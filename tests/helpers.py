@@ -46,3 +46,34 @@ def small_config(**overrides) -> Gemma2Config:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def write_token_store(path, documents, *, vocab_size: int, bos_id: int = 2, eos_id: int = 1, pad_id: int = 0,
+                      tokenizer_sha256: str = "synthetic-test-tokenizer"):
+    """A token store holding `documents` (lists/arrays of token ids), as `gemma-ewc tokenize` would write it."""
+    import numpy as np
+
+    from trainer.data.store import StoreWriter
+    from trainer.fileio import atomic_path
+
+    docs = [np.asarray(d, dtype=np.uint32) for d in documents]
+    with atomic_path(path, is_dir=True) as tmp:
+        writer = StoreWriter(tmp)
+        writer.add(np.concatenate(docs) if docs else np.zeros(0, np.uint32), np.array([len(d) for d in docs]))
+        writer.finish(tokenizer={"file": "synthetic.model", "sha256": tokenizer_sha256, "vocab_size": vocab_size,
+                                 "bos_id": bos_id, "eos_id": eos_id, "pad_id": pad_id})
+    return path
+
+
+def random_documents(n: int, *, vocab_size: int, seed: int = 0, mean_length: int = 40):
+    """Documents of random lengths with a learnable structure (each token mostly follows from the previous)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(n):
+        length = int(rng.integers(1, 2 * mean_length))
+        start = int(rng.integers(3, vocab_size))
+        steps = rng.choice([1, 2, 3], size=length, p=[0.7, 0.2, 0.1])
+        docs.append(3 + (start + np.cumsum(steps)) % (vocab_size - 3))
+    return docs

@@ -170,3 +170,13 @@ def test_labels_give_the_summed_cross_entropy_of_the_logits(seed):
     (g_expected,) = torch.autograd.grad(expected, model.layers[0].mlp.up_proj.weight)
     assert torch.allclose(loss, expected, rtol=1e-5)
     assert rel_err(g_loss, g_expected) <= 1e-4
+
+
+def test_a_row_continuing_a_long_document_equals_the_same_tokens_at_small_positions(seed):
+    config = small_config(sliding_window=6)
+    model = random_model(config, seed=seed)
+    ids = torch.randint(0, config.vocab_size, (1, 20))
+    far = torch.cat([torch.arange(100_000, 100_012), torch.arange(8)])[None]
+    near = torch.cat([torch.arange(12), torch.arange(8)])[None]
+    with torch.no_grad():
+        assert rel_err(model(ids, position_ids=far), model(ids, position_ids=near)) <= 1e-6

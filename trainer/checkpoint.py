@@ -124,5 +124,7 @@ def load_checkpoint(path: str | os.PathLike, *, model, optimizer) -> tuple[dict,
 def read_model_tensor(path: str | os.PathLike, name: str, like: torch.Tensor) -> torch.Tensor:
     """One full model parameter from a checkpoint, read on its own (for export without a process group)."""
     out = {"model": {name: torch.empty_like(like)}}
-    dcp.load(out, checkpoint_id=str(path), no_dist=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(out, checkpoint_id=str(path), no_dist=True)
     return out["model"][name]

@@ -36,12 +36,17 @@ def atomic_path(final: str | os.PathLike, *, is_dir: bool = False) -> Iterator[P
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{final.name}.tmp-"
+    # mkdtemp/mkstemp create private (0700/0600) entries; the result should get the usual umask-based mode.
+    umask = os.umask(0)
+    os.umask(umask)
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+        os.chmod(tmp, 0o777 & ~umask)
     else:
         fd, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
         os.close(fd)
         tmp = Path(name)
+        os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
         if is_dir:

@@ -218,7 +218,8 @@ class Gemma2(nn.Module):
                              f"{tuple(input_ids.shape)}; give one position per token")
         x = self.embed_tokens(input_ids)
         x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype, device=x.device)
-        rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        rope = rope_cos_sin(self._rope_positions(position_ids, kv_cache), self.config.head_dim,
+                            self.config.rope_theta, x.dtype)
         for layer in self.layers:
             if layer.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None:
                 x = checkpoint(layer, x, rope, masks, use_reentrant=False)
@@ -227,6 +228,16 @@ class Gemma2(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(S)
         return self.norm(x)
+
+    @staticmethod
+    def _rope_positions(position_ids: torch.Tensor, kv_cache) -> torch.Tensor:
+        # A row that continues a long document starts at a large position. Attention only sees relative offsets
+        # within a segment, so shifting that first segment to start at 0 changes nothing mathematically and keeps
+        # the float32 RoPE angles as precise as in a fresh document.
+        if kv_cache is not None:
+            return position_ids
+        first_segment = (position_ids == 0).cumsum(dim=1) == 0
+        return position_ids - torch.where(first_segment, position_ids[:, :1], 0)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied LM head and final soft-cap: [..., hidden] -> [..., vocab]."""

@@ -118,12 +118,12 @@ def build_loader(config: TrainConfig, *, rank: int, world_size: int, vocab_size:
 
 def attach_ewc(config: TrainConfig, model, optimizer, names: list[str]) -> dict:
     """Load the EWC file sharded like the parameters and hand F and θ* to the optimizer; returns its description."""
-    from trainer.ewc import load_ewc
-    from trainer.hf import to_hf_name
-
     e = config.ewc
     if not e.file:
         return {}
+    from trainer.ewc import load_ewc
+    from trainer.hf import to_hf_name
+
     if not Path(e.file).is_file():
         raise UserError(f"EWC file {e.file} not found (make it with `gemma-ewc fisher`)")
     state = load_ewc(e.file, model, strict=e.strict_anchor, normalize=e.fisher_normalize,

@@ -1,0 +1,310 @@
+"""Streaming corpus readers: JSON Lines (plain or gzip), Parquet (by row group) and plain text.
+
+    stats = ReadStats()
+    for text in read_documents("culturax_lt_part_00000.parquet", text_field="text", stats=stats):
+        ...
+    stats.replaced   # invalid UTF-8 bytes (and lone surrogate escapes in JSON) replaced by U+FFFD
+
+Format by file name: `.jsonl`, `.json` (JSON Lines too), `.parquet`, `.txt`; `.gz` on JSON Lines or text means gzip.
+Plain text holds documents separated by blank lines (a line that is empty or whitespace only); a document is its
+lines joined by "\\n".
+
+Reading is split in two so the tokenizer can parallelise it: `iter_chunks` (cheap, in the reading process) cuts a
+file into `Chunk`s of about `chunk_bytes` of whole documents without parsing them, and `parse_chunk` (in a worker)
+turns a chunk into strings. `read_documents` is the two composed. Memory stays bounded by the chunk size, never
+by the file size.
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import gzip
+import io
+import json
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Iterator
+
+from trainer.errors import UserError
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".txt", ".txt.gz")
+
+
+@dataclasses.dataclass
+class ReadStats:
+    """What a reader saw: documents yielded and characters replaced because the input was not valid UTF-8."""
+
+    documents: int = 0
+    replaced: int = 0
+
+
+@dataclasses.dataclass
+class Chunk:
+    """Whole documents of one file, still unparsed: picklable, so a worker process can parse it.
+
+    kind "jsonl" / "text": `payload` is bytes of complete lines; kind "parquet": a pyarrow Array of the text column.
+    `first_line` (1-based) places errors in the file: the line of JSON Lines, the row of Parquet.
+    """
+
+    kind: str
+    path: str
+    payload: object
+    text_field: str = "text"
+    first_line: int = 1
+
+
+def file_format(path: str | os.PathLike) -> str:
+    """"jsonl", "parquet" or "text" from the file name; a UserError for anything else."""
+    name = Path(path).name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith((".txt", ".txt.gz")):
+        return "text"
+    raise UserError(f"{path}: unknown corpus format; use one of {', '.join(SUFFIXES)} "
+                    "(JSON Lines, Parquet, or plain text with documents separated by blank lines)")
+
+
+def expand_inputs(inputs: list[str | os.PathLike]) -> list[Path]:
+    """Files as given, and the corpus files inside given directories (recursively, sorted by path)."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(SUFFIXES))
+            if not found:
+                raise UserError(f"{p}: directory holds no corpus files ({', '.join(SUFFIXES)})")
+            files.extend(found)
+        elif p.is_file():
+            file_format(p)
+            files.append(p)
+        else:
+            raise FileNotFoundError(2, "no such file or directory", str(p))
+    return files
+
+
+# --- decoding that counts what it replaces ----------------------------------------------------------------------
+
+_replaced = threading.local()
+
+
+def _count_and_replace(exc: UnicodeDecodeError) -> tuple[str, int]:
+    _replaced.n = getattr(_replaced, "n", 0) + (exc.end - exc.start)
+    return "\ufffd", exc.end
+
+
+codecs.register_error("gemma_ewc.count_replace", _count_and_replace)
+
+
+def decode_utf8(data: bytes) -> tuple[str, int]:
+    """`data` as text, each invalid byte sequence replaced by U+FFFD (as errors="replace"), and the bytes replaced."""
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        _replaced.n = 0
+        text = data.decode("utf-8", "gemma_ewc.count_replace")
+        return text, _replaced.n
+
+
+def _replace_lone_surrogates(text: str) -> tuple[str, int]:
+    # JSON may escape half of a surrogate pair ("\ud800"): valid JSON, but not encodable as UTF-8.
+    fixed = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return fixed, sum(1 for a, b in zip(text, fixed) if a != b)
+
+
+# --- chunking (reading process) ---------------------------------------------------------------------------------
+
+def _open_binary(path: Path) -> io.BufferedIOBase:
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")
+
+
+def _line_chunks(path: Path, kind: str, text_field: str, chunk_bytes: int) -> Iterator[Chunk]:
+    with _open_binary(path) as fh:
+        line_no = 1
+        first = True
+        while True:
+            block = fh.read(chunk_bytes)
+            if not block:
+                return
+            if first and kind == "jsonl" and block.lstrip()[:1] == b"[":
+                raise UserError(f"{path}: this is a JSON array, not JSON Lines; write one JSON object per line "
+                                "(for example: jq -c '.[]' in.json > out.jsonl)")
+            first = False
+            # Complete the last line (and, for plain text, the last document: read up to a blank line).
+            tail = [block]
+            if not block.endswith(b"\n"):
+                tail.append(fh.readline())
+            if kind == "text":
+                while True:
+                    line = fh.readline()
+                    tail.append(line)
+                    if not line or not line.strip():
+                        break
+            payload = b"".join(tail) if len(tail) > 1 else block
+            yield Chunk(kind, str(path), payload, text_field, line_no)
+            line_no += payload.count(b"\n")
+
+
+def _parquet_chunks(path: Path, text_field: str, chunk_bytes: int) -> Iterator[Chunk]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UserError(f"{path}: not a readable Parquet file ({exc})") from None
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        raise UserError(f"{path}: no column {text_field!r} (columns: {', '.join(names)}); "
+                        "choose the text column with --text-field")
+    column_type = pf.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)
+            or pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type)):
+        raise UserError(f"{path}: column {text_field!r} has type {column_type}, not text")
+    pending: list = []
+    size = 0
+    first_row = 1
+    # iter_batches reads one row group at a time; small batches are regrouped to about chunk_bytes.
+    for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
+        array = batch.column(0)
+        pending.append(array)
+        size += array.nbytes
+        if size >= chunk_bytes:
+            chunk = Chunk("parquet", str(path), pa.concat_arrays(pending), text_field, first_row)
+            first_row += len(chunk.payload)
+            yield chunk
+            pending, size = [], 0
+    if pending:
+        yield Chunk("parquet", str(path), pa.concat_arrays(pending), text_field, first_row)
+
+
+def iter_chunks(path: str | os.PathLike, *, text_field: str = "text",
+                chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Chunk]:
+    """Cut one corpus file into chunks of whole documents, about `chunk_bytes` each, without parsing them."""
+    path = Path(path)
+    kind = file_format(path)
+    if kind == "parquet":
+        yield from _parquet_chunks(path, text_field, chunk_bytes)
+    else:
+        yield from _line_chunks(path, kind, text_field, chunk_bytes)
+
+
+# --- parsing (worker) -------------------------------------------------------------------------------------------
+
+# A blank line: a newline, optional whitespace, a newline (greedy, so runs of blank lines are one separator).
+_BLANK_LINES = re.compile(r"\n\s*\n")
+
+
+def _parse_jsonl(chunk: Chunk) -> tuple[list[str], int]:
+    # Fast path: the chunk as one JSON array (one C-level parse instead of one json.loads per line). Anything odd
+    # (bad JSON, a missing field, a non-string) falls back to the line-by-line parse, which names file and line.
+    text, replaced = decode_utf8(chunk.payload)  # type: ignore[arg-type]
+    lines = [line for line in text.split("\n") if line.strip()]
+    field = chunk.text_field
+    try:
+        records = json.loads("[" + ",".join(lines) + "]")
+        texts = [r[field] for r in records] if len(records) == len(lines) else None
+        if texts is not None and not all(type(t) is str for t in texts):
+            texts = None
+    except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+        texts = None
+    if texts is None:
+        return _parse_jsonl_lines(chunk)
+    if "\\ud" in text or "\\uD" in text:
+        for i, t in enumerate(texts):
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:
+                texts[i], bad = _replace_lone_surrogates(t)
+                replaced += bad
+    return texts, replaced
+
+
+def _parse_jsonl_lines(chunk: Chunk) -> tuple[list[str], int]:
+    texts: list[str] = []
+    replaced = 0
+    field = chunk.text_field
+    for i, raw in enumerate(chunk.payload.split(b"\n")):  # type: ignore[union-attr]
+        if not raw.strip():
+            continue
+        line, bad = decode_utf8(raw)
+        replaced += bad
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{chunk.path}:{chunk.first_line + i}: not valid JSON ({exc.msg}, column {exc.colno})") \
+                from None
+        if not isinstance(record, dict):
+            raise UserError(f"{chunk.path}:{chunk.first_line + i}: expected a JSON object per line, "
+                            f"found {type(record).__name__}")
+        try:
+            text = record[field]
+        except KeyError:
+            fields = ", ".join(map(str, list(record)[:20])) or "none"
+            raise UserError(f"{chunk.path}:{chunk.first_line + i}: no field {field!r} (fields: {fields}); "
+                            "choose the text field with --text-field") from None
+        if not isinstance(text, str):
+            raise UserError(f"{chunk.path}:{chunk.first_line + i}: field {field!r} is "
+                            f"{'null' if text is None else type(text).__name__}, not a string")
+        if b"\\ud" in raw or b"\\uD" in raw:
+            text, bad = _replace_lone_surrogates(text)
+            replaced += bad
+        texts.append(text)
+    return texts, replaced
+
+
+def _parse_text(chunk: Chunk) -> tuple[list[str], int]:
+    text, replaced = decode_utf8(chunk.payload)  # type: ignore[arg-type]
+    texts = [d.strip("\r\n") for d in _BLANK_LINES.split(text)]
+    return [d for d in texts if d.strip()], replaced
+
+
+def _parse_parquet(chunk: Chunk) -> tuple[list[str], int]:
+    import pyarrow as pa
+
+    array = chunk.payload
+    if array.null_count:  # type: ignore[union-attr]
+        row = array.is_null().to_pylist().index(True)  # type: ignore[union-attr]
+        raise UserError(f"{chunk.path}: row {chunk.first_line + row}: column {chunk.text_field!r} is null; "
+                        "drop or fill such rows first")
+    if pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type):  # type: ignore[union-attr]
+        texts, replaced = [], 0
+        for raw in array.to_pylist():  # type: ignore[union-attr]
+            text, bad = decode_utf8(raw)
+            texts.append(text)
+            replaced += bad
+        return texts, replaced
+    return array.to_pylist(), 0  # type: ignore[union-attr]
+
+
+def parse_chunk(chunk: Chunk) -> tuple[list[str], int]:
+    """The documents of a chunk, and how many characters were replaced to make them valid text."""
+    if chunk.kind == "jsonl":
+        return _parse_jsonl(chunk)
+    if chunk.kind == "text":
+        return _parse_text(chunk)
+    if chunk.kind == "parquet":
+        return _parse_parquet(chunk)
+    raise AssertionError(chunk.kind)
+
+
+def read_documents(path: str | os.PathLike, *, text_field: str = "text", stats: ReadStats | None = None,
+                   chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[str]:
+    """Stream the documents of one corpus file, in file order (format from the file name, see the module doc).
+
+    Invalid UTF-8 is replaced by U+FFFD and counted in `stats.replaced`; a record without `text_field` is a
+    UserError naming the field, the file and the line.
+    """
+    for chunk in iter_chunks(path, text_field=text_field, chunk_bytes=chunk_bytes):
+        texts, replaced = parse_chunk(chunk)
+        if stats is not None:
+            stats.documents += len(texts)
+            stats.replaced += replaced
+        yield from texts
