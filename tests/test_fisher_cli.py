@@ -134,7 +134,8 @@ def test_fisher_command_on_two_ranks_equals_one(workspace, tmp_path):
         assert rel_err(b.fisher[n], f) < 1e-4, n
 
 
-def test_text_rows_follow_the_packer_contract(workspace, tmp_path):
+def test_text_rows_are_the_packers_rows(workspace, tmp_path):
+    """The Fisher's text rows are training's (trainer.data): the contract it relies on, checked token by token."""
     import sentencepiece as spm
 
     from trainer.ewc.batches import text_rows
@@ -142,7 +143,8 @@ def test_text_rows_follow_the_packer_contract(workspace, tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(workspace / "tok.model"))
     docs = ["the water of the cell", "energy", "more about the question and the answer of all"]
     (tmp_path / "c.txt").write_text("\n\n".join(docs) + "\n\n\n")
-    rows = text_rows(tmp_path / "c.txt", tokenizer=workspace / "tok.model", seq_len=8, pad_id=0)
+    rows, files = text_rows(tmp_path / "c.txt", tokenizer=workspace / "tok.model", seq_len=8, pad_id=0)
+    assert files == [tmp_path / "c.txt"]
     stream = [t for d in docs for t in [2, *sp.encode(d), 1]]
     n = len(stream)
     ids, labels, pos = (rows[k].reshape(-1) for k in ("input_ids", "labels", "position_ids"))
@@ -165,7 +167,7 @@ def test_fisher_command_text_format(workspace, tmp_path):
     assert meta["data"].startswith("text:") and meta["seq_len"] == "16" and int(meta["samples"]) >= 2
     from trainer.ewc.batches import row_batches, text_rows
 
-    rows = text_rows(tmp_path / "corpus.txt", tokenizer=workspace / "tok.model", seq_len=16)
+    rows, _ = text_rows(tmp_path / "corpus.txt", tokenizer=workspace / "tok.model", seq_len=16, pad_id=0)
     expected = estimate_fisher(load_pretrained(workspace / "model"), row_batches(rows, batch_size=2, pad_id=0))
     for n, f in load_ewc(out).fisher.items():
         assert rel_err(f, expected[n]) < 1e-5, n

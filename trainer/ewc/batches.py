@@ -4,7 +4,7 @@ A global mini-batch holds `batch_size` samples (prompts, or rows of text); on W 
 r, r+W, r+2W, ... of it, and a rank left without a sample (batch_size < W, or a short last mini-batch) gets a
 one-row dummy with no scored token, because every rank must run every forward/backward under FSDP2.
 
-Prompts are packed: several per row, position_ids restarting at 0 at each one (attention never crosses a prompt),
+Text rows come from the data package's packer (the rows training sees). Prompts are packed here: several per row, position_ids restarting at 0 at each one (attention never crosses a prompt),
 rows padded to a common length with a padding "document" whose labels are -100. Only the last prompt position is
 scored, against the answer letter's token (prompts.answer_letter_tokens).
 """
@@ -105,50 +105,22 @@ def row_batches(rows: dict[str, np.ndarray], *, batch_size: int, pad_id: int, ra
                for k in ("input_ids", "labels", "position_ids")} | {"num_samples": len(index)}
 
 
-def text_rows(path: str | os.PathLike, *, tokenizer: str | os.PathLike, seq_len: int, bos_id: int | None = None,
-              eos_id: int | None = None, pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Documents of plain-text files (blank-line separated), tokenized and packed into rows of `seq_len`.
-
-    Stand-in for the data package (trainer.data: readers, tokenization, packer), which had not landed when this
-    was written; it follows the packer's contract so that switching changes no number: each document is
-    BOS + tokens + EOS in one stream, cut into rows (a long document continues in the next row, positions
-    counting on), position_ids restart at 0 at each BOS, labels[t] = stream[t + 1] except where that token is a
-    BOS or padding (nothing predicts them); the last row is padded with a "document" of pad_id whose labels are
-    -100. Returns int64 arrays input_ids, labels, position_ids, each [rows, seq_len].
+def text_rows(path: str | os.PathLike, *, tokenizer: str | os.PathLike, seq_len: int, text_field: str = "text",
+              pad_id: int | None = None) -> tuple[dict[str, np.ndarray], list[Path]]:
+    """Documents of a corpus file or directory (JSON Lines, Parquet, plain text), tokenized and packed into rows
+    of `seq_len` exactly as training packs them (trainer.data: readers, tokenizer, packer): BOS + tokens + EOS per
+    document, a long document continuing in the next row, labels -100 where the next token is another document's
+    BOS and under padding. Returns (int64 arrays input_ids, labels, position_ids [rows, seq_len], the files read).
     """
-    import sentencepiece as spm
+    from trainer.data.packing import pack_documents
+    from trainer.data.readers import expand_inputs, read_documents
+    from trainer.data.tokenize import load_tokenizer, tokenize_texts
 
-    files = corpus_files(path)
-    unsupported = [f for f in files if f.suffix not in (".txt", ".text", "")]
-    if unsupported:
-        raise UserError(f"{unsupported[0]}: --format text reads plain-text files (documents separated by blank "
-                        f"lines) in this version")
-    docs = [d.strip() for f in files for d in f.read_text(encoding="utf-8", errors="replace").split("\n\n")]
-    docs = [d for d in docs if d]
-    if not docs:
+    tok = load_tokenizer(tokenizer)
+    files = expand_inputs([path])
+    docs = [d for f in files for d in tokenize_texts(read_documents(f, text_field=text_field), tokenizer=tok)]
+    if not any(len(d) for d in docs):
         raise UserError(f"{path}: no non-empty documents")
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
-    bos = sp.bos_id() if bos_id is None else bos_id
-    eos = sp.eos_id() if eos_id is None else eos_id
-    if bos < 0 or eos < 0:
-        raise UserError(f"{tokenizer}: the tokenizer defines no BOS/EOS token")
-    pieces = [[bos, *ids, eos] for ids in sp.encode(docs)]
-    stream = np.fromiter((t for doc in pieces for t in doc), dtype=np.int64)
-    positions = np.concatenate([np.arange(len(doc)) for doc in pieces])
-    n_rows = -(-len(stream) // seq_len)
-    pad = n_rows * seq_len - len(stream)
-    stream = np.concatenate([stream, np.full(pad, pad_id)])
-    positions = np.concatenate([positions, np.arange(pad)])
-    real = n_rows * seq_len - pad
-    labels = np.full_like(stream, IGNORE_INDEX)
-    predictable = positions[1:real] != 0  # the next token continues the same document (it is not a BOS)
-    labels[:real - 1] = np.where(predictable, stream[1:real], IGNORE_INDEX)  # padding predicts and is nothing
-    return {"input_ids": stream.reshape(n_rows, seq_len), "labels": labels.reshape(n_rows, seq_len),
-            "position_ids": positions.reshape(n_rows, seq_len)}
-
-
-def corpus_files(path: str | os.PathLike) -> list[Path]:
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file or directory")
-    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    rows = pack_documents(docs, seq_len, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                          pad_id=tok.pad_id if pad_id is None else pad_id)
+    return rows, files

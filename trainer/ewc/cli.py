@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.errors import UserError
-from trainer.ewc.batches import (corpus_files, encode_mmlu, prompt_batches, row_batches, text_rows)
+from trainer.ewc.batches import encode_mmlu, prompt_batches, row_batches, text_rows
 from trainer.ewc.file import DTYPES, NORMALIZE_MODES, merge_ewc, normalize_fisher_, write_ewc
 from trainer.ewc.fisher import ESTIMATORS, estimate_fisher_with_stats, named_hf_parameters
 from trainer.fileio import sha256_file
@@ -32,7 +32,8 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 def configure_fisher(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Hugging Face Gemma2 directory (config.json, safetensors)")
     p.add_argument("--data", required=True,
-                   help="MMLU file or directory (CSV / Parquet / JSON), or plain text (documents between blank lines)")
+                   help="MMLU file or directory (CSV / Parquet / JSON); text: corpus file or directory (JSON Lines, "
+                        "Parquet, plain text with documents between blank lines)")
     p.add_argument("--format", required=True, choices=("mmlu", "text"),
                    help="mmlu: cross entropy of the answer letter; text: language-model loss over documents")
     p.add_argument("--out", required=True, help="EWC file to write (safetensors)")
@@ -57,6 +58,7 @@ def configure_fisher(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-template", default=None,
                    help="MMLU prompt template file with {subject} {examples} {question} {options} {answer}")
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: MODEL/tokenizer.model)")
+    p.add_argument("--text-field", default="text", help="text: the field of JSON Lines / Parquet records")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -152,15 +154,16 @@ def _fisher(args: argparse.Namespace) -> int:
                          f"loss: cross entropy of the answer letter)")
     else:
         seq_len = args.seq_len or 2048
-        _load_sp(tokenizer)  # a clear error for a missing or broken tokenizer
-        rows = text_rows(data, tokenizer=tokenizer, seq_len=seq_len, pad_id=config.pad_token_id)
+        if not tokenizer.is_file():
+            raise UserError(f"{tokenizer}: tokenizer not found; give --tokenizer (the SentencePiece tokenizer.model)")
+        rows, files = text_rows(data, tokenizer=tokenizer, seq_len=seq_len, text_field=args.text_field,
+                                pad_id=config.pad_token_id)
         if args.max_samples:
             rows = {k: v[:args.max_samples] for k, v in rows.items()}
         top = int(rows["input_ids"].max())
         n_samples = len(rows["input_ids"])
         batches = row_batches(rows, batch_size=args.batch_size, pad_id=config.pad_token_id, rank=rank,
                               world_size=world)
-        files = corpus_files(data)
         meta.update(seq_len=seq_len, data=f"text: {data} ({n_samples} rows of {seq_len} tokens; loss: next token)")
     if top >= config.vocab_size:
         raise UserError(f"{tokenizer} produced token id {top}, but the model's vocabulary has {config.vocab_size} "
