@@ -155,6 +155,10 @@ def test_text_rows_are_the_packers_rows(workspace, tmp_path):
         expected = stream[i + 1] if i + 1 < n and i + 1 not in starts else -100
         assert labels[i] == expected, i
     assert labels[-1] == -100
+    for max_rows in (1, 2):  # stops reading early, and the rows are the first rows of the whole corpus
+        first, _ = text_rows(tmp_path / "c.txt", tokenizer=workspace / "tok.model", seq_len=8, pad_id=0,
+                             max_rows=max_rows)
+        assert all((first[k] == rows[k][:max_rows]).all() for k in rows)
 
 
 def test_fisher_command_text_format(workspace, tmp_path):

@@ -106,21 +106,37 @@ def row_batches(rows: dict[str, np.ndarray], *, batch_size: int, pad_id: int, ra
 
 
 def text_rows(path: str | os.PathLike, *, tokenizer: str | os.PathLike, seq_len: int, text_field: str = "text",
-              pad_id: int | None = None) -> tuple[dict[str, np.ndarray], list[Path]]:
+              pad_id: int | None = None, max_rows: int | None = None) -> tuple[dict[str, np.ndarray], list[Path]]:
     """Documents of a corpus file or directory (JSON Lines, Parquet, plain text), tokenized and packed into rows
     of `seq_len` exactly as training packs them (trainer.data: readers, tokenizer, packer): BOS + tokens + EOS per
     document, a long document continuing in the next row, labels -100 where the next token is another document's
-    BOS and under padding. Returns (int64 arrays input_ids, labels, position_ids [rows, seq_len], the files read).
+    BOS and under padding. With `max_rows`, reading stops once the first `max_rows` rows are complete (they equal
+    the first rows of the whole corpus). Returns (int64 input_ids, labels, position_ids [rows, seq_len], files).
     """
+    import itertools
+
     from trainer.data.packing import pack_documents
     from trainer.data.readers import expand_inputs, read_documents
     from trainer.data.tokenize import load_tokenizer, tokenize_texts
 
     tok = load_tokenizer(tokenizer)
     files = expand_inputs([path])
-    docs = [d for f in files for d in tokenize_texts(read_documents(f, text_field=text_field), tokenizer=tok)]
-    if not any(len(d) for d in docs):
+    texts = (text for f in files for text in read_documents(f, text_field=text_field))
+    # Row r's last label is stream token (r + 1) * seq_len: enough rows are complete once the stream is longer.
+    needed = None if max_rows is None else max_rows * seq_len + 1
+    docs, stream = [], 0
+    while needed is None or stream < needed:
+        chunk = list(itertools.islice(texts, 256))
+        if not chunk:
+            break
+        for d in tokenize_texts(chunk, tokenizer=tok):
+            if len(d):
+                docs.append(d)
+                stream += len(d) + 2  # BOS + tokens + EOS
+    if not docs:
         raise UserError(f"{path}: no non-empty documents")
     rows = pack_documents(docs, seq_len, bos_id=tok.bos_id, eos_id=tok.eos_id,
                           pad_id=tok.pad_id if pad_id is None else pad_id)
+    if max_rows is not None:
+        rows = {k: v[:max_rows] for k, v in rows.items()}
     return rows, files

@@ -157,9 +157,7 @@ def _fisher(args: argparse.Namespace) -> int:
         if not tokenizer.is_file():
             raise UserError(f"{tokenizer}: tokenizer not found; give --tokenizer (the SentencePiece tokenizer.model)")
         rows, files = text_rows(data, tokenizer=tokenizer, seq_len=seq_len, text_field=args.text_field,
-                                pad_id=config.pad_token_id)
-        if args.max_samples:
-            rows = {k: v[:args.max_samples] for k, v in rows.items()}
+                                pad_id=config.pad_token_id, max_rows=args.max_samples)
         top = int(rows["input_ids"].max())
         n_samples = len(rows["input_ids"])
         batches = row_batches(rows, batch_size=args.batch_size, pad_id=config.pad_token_id, rank=rank,
