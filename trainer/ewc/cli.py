@@ -1,0 +1,227 @@
+"""`gemma-ewc fisher` and `gemma-ewc ewc {merge,import-legacy}`.
+
+`fisher` runs in one process or many under torchrun, on one code path as training does: a process group always
+(trainer.distributed), the model sharded with FSDP2 over every rank (trainer.parallelize; float32 master weights,
+bfloat16 or float32 compute, float32 gradient reduction), each rank reading only its rows of the checkpoint,
+computing on its part of every global mini-batch and accumulating only its own Fisher shard; rank 0 writes the
+file, gathering one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from trainer.errors import UserError
+from trainer.ewc.batches import encode_mmlu, prompt_batches, row_batches, text_rows
+from trainer.ewc.file import DTYPES, NORMALIZE_MODES, merge_ewc, normalize_fisher_, write_ewc
+from trainer.ewc.fisher import ESTIMATORS, estimate_fisher_with_stats, named_hf_parameters
+from trainer.fileio import sha256_file
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def configure_fisher(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Hugging Face Gemma2 directory (config.json, safetensors)")
+    p.add_argument("--data", required=True,
+                   help="MMLU file or directory (CSV / Parquet / JSON); text: corpus file or directory (JSON Lines, "
+                        "Parquet, plain text with documents between blank lines)")
+    p.add_argument("--format", required=True, choices=("mmlu", "text"),
+                   help="mmlu: cross entropy of the answer letter; text: language-model loss over documents")
+    p.add_argument("--out", required=True, help="EWC file to write (safetensors)")
+    p.add_argument("--estimator", choices=ESTIMATORS, default="empirical",
+                   help="empirical: the data's labels; sampled: labels drawn from the model (default: empirical)")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="samples per mini-batch (prompts or text rows); 1 = per-sample Fisher (default: 4)")
+    p.add_argument("--max-samples", type=int, default=None, help="use only the first N samples (quick estimate)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="text: row length (default 2048); mmlu: skip prompts longer than this (default: none)")
+    p.add_argument("--fisher-dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--anchor-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="anchor precision (bfloat16 is lossless for a bfloat16 checkpoint)")
+    p.add_argument("--normalize", choices=NORMALIZE_MODES, default="none",
+                   help="divide the Fisher by its global mean or max (the divisor is recorded)")
+    p.add_argument("--seed", type=int, default=0, help="order of MMLU items and the sampled labels")
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default=None,
+                   help="compute dtype (gradients and sums stay float32); default bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="auto: cuda when available (under torchrun: this rank's GPU)")
+    p.add_argument("--attention", default="auto", help="attention backend: auto, eager, flex, flash")
+    p.add_argument("--prompt-template", default=None,
+                   help="MMLU prompt template file with {subject} {examples} {question} {options} {answer}")
+    p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: MODEL/tokenizer.model)")
+    p.add_argument("--text-field", default="text", help="text: the field of JSON Lines / Parquet records")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def load_sharded(path, *, device: torch.device, compute_dtype: str, attention_backend: str):
+    """A Hugging Face Gemma2 directory into an FSDP2 model over every rank (trainer.parallelize), each rank
+    reading only its rows; float32 master weights, `compute_dtype` matmuls, float32 gradient reduction."""
+    from trainer.config import ParallelConfig
+    from trainer.hf import HFCheckpoint
+    from trainer.model import Gemma2
+    from trainer.parallelize import build_mesh, materialize, parallelize
+
+    config = ParallelConfig(param_dtype=compute_dtype, reduce_dtype="float32", device=device.type)
+    with torch.device("meta"):
+        model = Gemma2(HFCheckpoint(path).config, attention_backend=attention_backend)
+    parallelize(model, config, mesh=build_mesh(config, device_type=device.type))
+    return materialize(model, device=device, pretrained=path)
+
+
+def _data_sha256(files: list[Path]) -> str:
+    if len(files) == 1:
+        return sha256_file(files[0])
+    h = hashlib.sha256()
+    root = Path(os.path.commonpath([str(f) for f in files]))
+    for f in files:
+        h.update(f"{f.relative_to(root)}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _load_sp(path: Path):
+    import sentencepiece as spm
+
+    if not path.is_file():
+        raise UserError(f"{path}: tokenizer not found; give --tokenizer (the SentencePiece tokenizer.model)")
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as exc:
+        raise UserError(f"{path}: not a SentencePiece model ({exc})") from None
+
+
+def run_fisher(args: argparse.Namespace) -> int:
+    created_group = not dist.is_initialized()
+    try:
+        return _fisher(args)
+    finally:
+        if created_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _fisher(args: argparse.Namespace) -> int:
+    from trainer.distributed import init_distributed
+    from trainer.hf import HFCheckpoint
+    from trainer.prompts import DEFAULT_MMLU_TEMPLATE, load_template, mmlu_files, read_mmlu
+
+    if args.max_samples is not None and args.max_samples < 1:
+        raise UserError(f"--max-samples must be at least 1, got {args.max_samples}")
+    if args.seq_len is not None and args.seq_len < 2:
+        raise UserError(f"--seq-len must be at least 2, got {args.seq_len}")
+    config = HFCheckpoint(args.model).config  # validates the directory before any heavy work
+    # One code path for 1 and N ranks (as training): a process group always, the model always FSDP2-sharded.
+    env = init_distributed(args.device)
+    rank, world, device = env.rank, env.world_size, env.device
+    compute_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    compute = DTYPES[compute_name]
+    tokenizer = Path(args.tokenizer) if args.tokenizer else Path(args.model) / "tokenizer.model"
+    data = Path(args.data)
+    meta: dict[str, object] = {}
+    if args.format == "mmlu":
+        template = load_template(args.prompt_template) if args.prompt_template else DEFAULT_MMLU_TEMPLATE
+        sp = _load_sp(tokenizer)
+        items = read_mmlu(data)
+        order = np.random.default_rng(args.seed).permutation(len(items))
+        items = [items[i] for i in order]
+        bos = sp.bos_id() if sp.bos_id() >= 0 else config.bos_token_id
+        prompts, skipped_long = [], 0
+        for item in items:  # encode lazily: --max-samples stops early
+            (encoded,) = encode_mmlu([item], sp, bos_id=bos, template=template)
+            if args.seq_len is not None and len(encoded.ids) > args.seq_len:
+                skipped_long += 1
+                continue
+            prompts.append(encoded)
+            if args.max_samples is not None and len(prompts) == args.max_samples:
+                break
+        if not prompts:
+            raise UserError(f"{data}: no prompt left to score" + (f" (all longer than --seq-len {args.seq_len})"
+                                                                  if skipped_long else ""))
+        top = max(max(p.ids) for p in prompts)
+        n_samples = len(prompts)
+        batches = prompt_batches(prompts, batch_size=args.batch_size, pad_id=config.pad_token_id, rank=rank,
+                                 world_size=world)
+        files = mmlu_files(data)
+        meta.update(prompt_template=template, skipped_long_prompts=skipped_long,
+                    data=f"mmlu: {data} ({n_samples} of {len(items)} items, shuffled with seed {args.seed}; "
+                         f"loss: cross entropy of the answer letter)")
+    else:
+        seq_len = args.seq_len or 2048
+        if not tokenizer.is_file():
+            raise UserError(f"{tokenizer}: tokenizer not found; give --tokenizer (the SentencePiece tokenizer.model)")
+        rows, files = text_rows(data, tokenizer=tokenizer, seq_len=seq_len, text_field=args.text_field,
+                                pad_id=config.pad_token_id, max_rows=args.max_samples)
+        top = int(rows["input_ids"].max())
+        n_samples = len(rows["input_ids"])
+        batches = row_batches(rows, batch_size=args.batch_size, pad_id=config.pad_token_id, rank=rank,
+                              world_size=world)
+        meta.update(seq_len=seq_len, data=f"text: {data} ({n_samples} rows of {seq_len} tokens; loss: next token)")
+    if top >= config.vocab_size:
+        raise UserError(f"{tokenizer} produced token id {top}, but the model's vocabulary has {config.vocab_size} "
+                        f"entries: the tokenizer does not belong to this model")
+
+    model = load_sharded(args.model, device=device, compute_dtype=compute_name, attention_backend=args.attention)
+    fisher, stats = estimate_fisher_with_stats(model, batches, estimator=args.estimator, compute_dtype=compute,
+                                               seed=args.seed, progress=not args.quiet, total_samples=n_samples)
+    divisor = normalize_fisher_(fisher, args.normalize)
+    meta.update(estimator=args.estimator, samples=stats.samples, batches=stats.batches, batch_size=args.batch_size,
+                scored_tokens=stats.scored_tokens, skipped_batches=stats.skipped_batches,
+                data_sha256=_data_sha256(files), fisher_normalize=args.normalize, fisher_divisor=repr(divisor),
+                compute_dtype=compute_name, seed=args.seed,
+                model=str(Path(args.model).resolve()), world_size=world, tokenizer_sha256=sha256_file(tokenizer))
+    anchors = dict(named_hf_parameters(model))
+    written = write_ewc(args.out, fisher=fisher, anchor=anchors, metadata=meta,
+                        fisher_dtype=DTYPES[args.fisher_dtype], anchor_dtype=DTYPES[args.anchor_dtype])
+    if rank == 0:
+        print(f"wrote {args.out}: Fisher ({args.estimator}) over {stats.samples} samples in {stats.batches} "
+              f"mini-batches of {args.batch_size}, {stats.scored_tokens} scored tokens; {stats.tokens} tokens in "
+              f"{stats.seconds:.1f} s ({stats.tokens_per_s:,.0f} tokens/s) on {world} process(es); "
+              f"normalize {args.normalize} (divisor {divisor:.4g}); anchor sha256 {written['anchor_sha256'][:16]}")
+    return 0
+
+
+def configure_ewc(p: argparse.ArgumentParser) -> None:
+    # The sub-parsers inherit the router's parser class (one-line errors, exit code 2).
+    sub = p.add_subparsers(dest="ewc_command", metavar="{merge,import-legacy}", required=True)
+    m = sub.add_parser("merge", help="online EWC: F = gamma * F_A + F_B, anchor from B",
+                       description="online EWC: F = gamma * F_A + F_B (raw Fishers), anchor from B")
+    m.add_argument("a", help="EWC file of the earlier task(s)")
+    m.add_argument("b", help="EWC file of the newest task (its anchor is kept)")
+    m.add_argument("--gamma", type=float, required=True, help="decay of the earlier Fisher (0 <= gamma)")
+    m.add_argument("--out", required=True)
+    m.add_argument("--fisher-dtype", choices=("float32", "bfloat16"), default="float32")
+    m.add_argument("--normalize", choices=NORMALIZE_MODES, default="none")
+    i = sub.add_parser("import-legacy", help="convert the reference study's EWC_params.pkl",
+                       description="convert the reference study's pickle (anchors, fisher) to an EWC file; "
+                                   "the pickle is read without running any code it may carry")
+    i.add_argument("pickle", help="EWC_params.pkl")
+    i.add_argument("--out", required=True)
+    i.add_argument("--inf-cap", type=float, default=100.0, help="the value that replaced infinities (default 100)")
+    i.add_argument("--fisher-dtype", choices=("float32", "bfloat16"), default="float32")
+    i.add_argument("--anchor-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="float32 keeps the pickle's float16 anchor exactly (default)")
+    i.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run_ewc(args: argparse.Namespace) -> int:
+    if args.ewc_command == "merge":
+        t0 = time.perf_counter()
+        meta = merge_ewc(args.a, args.b, args.out, gamma=args.gamma, fisher_dtype=DTYPES[args.fisher_dtype],
+                         normalize=args.normalize)
+        print(f"wrote {args.out}: F = {args.gamma:g} * F({args.a}) + F({args.b}), anchor from {args.b}; "
+              f"{meta['parameters']} parameters, normalize {args.normalize} (divisor {float(meta['fisher_divisor']):.4g})"
+              f" in {time.perf_counter() - t0:.1f} s")
+        return 0
+    from trainer.ewc.legacy import format_report, import_legacy
+
+    report = import_legacy(args.pickle, args.out, inf_cap=args.inf_cap, fisher_dtype=DTYPES[args.fisher_dtype],
+                           anchor_dtype=DTYPES[args.anchor_dtype])
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
