@@ -96,10 +96,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 statistics even under bfloat16 compute; (1 + w) applied before the cast back, as Gemma does.
-        xf = x.float()
+        # float32 statistics even under bfloat16 compute (float64 stays float64); (1 + w) applied before the cast
+        # back, as Gemma does.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(dtype)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).type_as(x)
+        return (xf * (1.0 + self.weight.to(dtype))).type_as(x)
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
