@@ -49,3 +49,14 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(tmp_path / "nope.toml")
     with pytest.raises(UserError, match="not valid TOML"):
         load_config(_write(tmp_path, "[optim\nlr = 1"))
+
+
+@pytest.mark.parametrize("name", ["tiny", "gemma2-2b", "gemma2-9b", "gemma2-27b"])
+def test_shipped_configs_load(name):
+    from tests.conftest import REPO_ROOT
+
+    config = load_config(REPO_ROOT / "configs" / f"{name}.toml")
+    assert config.ewc.file and config.ewc.lam > 0 and config.data.stores
+    if name != "tiny":
+        assert (config.optim.lr, config.optim.schedule, config.optim.warmup, config.optim.weight_decay) == \
+            (2e-4, "cosine", 0.05, 0.01)
