@@ -76,7 +76,10 @@ def lr_at(step: int, *, base_lr: float, total_steps: int, schedule: str = "cosin
     if schedule == "constant":
         return base_lr
     decay_steps = total_steps - w - 1
-    progress = 1.0 if decay_steps <= 0 else min(1.0, (step - w) / decay_steps)
+    if decay_steps > 0:
+        progress = min(1.0, (step - w) / decay_steps)
+    else:  # at most one step after warm-up: it runs at base_lr
+        progress = 0.0 if step == w else 1.0
     if schedule == "linear":
         factor = 1.0 - progress
     else:
@@ -273,6 +276,8 @@ class EWCAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         for state in self.state.values():
+            if "step" in state:  # torch.optim keeps the caller's step tensor; the next step() would increment it
+                state["step"] = state["step"].detach().clone()
             for name in ("exp_avg", "exp_avg_sq"):
                 if name in state and not _local(state[name]).is_contiguous():
                     state[name] = state[name].contiguous()
