@@ -158,28 +158,44 @@ def _check(name: str, i: int, t: Tensor, *, like: Tensor, dtypes: tuple[torch.dt
 
 
 @dataclass
-class _Group:
-    """Tensors that share one kernel specialisation: parameter dtype, and F/anchor dtypes (None: no EWC)."""
+class TensorGroup:
+    """Tensors that share one kernel specialisation: parameter dtype, and F/anchor dtypes (none: no EWC).
 
+    `indices` are the positions of these tensors in the caller's lists (the gradients of a step are picked by
+    them). The Triton backend caches its pointer tables here while the pointers stay the same.
+    """
+
+    indices: list[int]
     params: list[Tensor]
-    grads: list[Tensor]
     exp_avgs: list[Tensor]
     exp_avg_sqs: list[Tensor]
     fishers: list[Tensor]
     anchors: list[Tensor]
+    triton_tables: object = None
 
     @property
     def has_ewc(self) -> bool:
         return bool(self.fishers)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params[0].dtype
 
-def _group(params, grads, exp_avgs, exp_avg_sqs, fishers, anchors, ewc_lambda, *, check: bool) -> list[_Group]:
+
+def group_tensors(params: Sequence[Tensor], exp_avgs: Sequence[Tensor] | None,
+                  exp_avg_sqs: Sequence[Tensor] | None, fishers: Sequence[Tensor | None] | None,
+                  anchors: Sequence[Tensor | None] | None, *, ewc_lambda: float,
+                  check: bool = True) -> list[TensorGroup]:
+    """Validate (with `check`) and split the lists into TensorGroups; empty tensors are left out.
+
+    With ewc_lambda = 0 nothing is put in an EWC group: plain AdamW, which never reads F or anchor.
+    """
     n = len(params)
-    for name, lst in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
-                      ("fishers", fishers), ("anchors", anchors)):
+    for name, lst in (("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("fishers", fishers),
+                      ("anchors", anchors)):
         if lst is not None and len(lst) != n:
             raise ValueError(f"ewc_adamw: {len(lst)} {name} for {n} parameters")
-    groups: dict[tuple, _Group] = {}
+    groups: dict[tuple, TensorGroup] = {}
     for i in range(n):
         p = params[i]
         f = fishers[i] if fishers is not None else None
@@ -191,7 +207,6 @@ def _group(params, grads, exp_avgs, exp_avg_sqs, fishers, anchors, ewc_lambda, *
             if not isinstance(p, Tensor) or p.dtype not in (torch.float32, torch.float64):
                 raise ValueError(f"ewc_adamw: params[{i}] must be a float32 or float64 tensor")
             _check("params", i, p, like=p, dtypes=(p.dtype,))
-            _check("grads", i, grads[i], like=p, dtypes=(p.dtype,))
             if exp_avgs is not None:
                 _check("exp_avgs", i, exp_avgs[i], like=p, dtypes=(p.dtype,))
                 _check("exp_avg_sqs", i, exp_avg_sqs[i], like=p, dtypes=(p.dtype,))
@@ -203,18 +218,29 @@ def _group(params, grads, exp_avgs, exp_avg_sqs, fishers, anchors, ewc_lambda, *
             continue
         use_ewc = f is not None and ewc_lambda != 0
         key = (p.dtype, f.dtype if use_ewc else None, a.dtype if use_ewc else None)
-        g = groups.setdefault(key, _Group([], [], [], [], [], []))
+        g = groups.setdefault(key, TensorGroup([], [], [], [], [], []))
+        g.indices.append(i)
         g.params.append(p)
-        g.grads.append(grads[i])
         if exp_avgs is not None:
             g.exp_avgs.append(exp_avgs[i])
             g.exp_avg_sqs.append(exp_avg_sqs[i])
         if use_ewc:
             g.fishers.append(f)
             g.anchors.append(a)
-    if len({t.device for grp in groups.values() for t in grp.params}) > 1:
+    if len({grp.params[0].device for grp in groups.values()}) > 1:
         raise ValueError("ewc_adamw: all parameters must be on one device (build one optimizer per device)")
     return list(groups.values())
+
+
+def group_grads(group: TensorGroup, grads: Sequence[Tensor], *, check: bool = True) -> list[Tensor]:
+    """The gradients of `group`'s tensors, picked from the caller's list (checked: shape, dtype, contiguity)."""
+    out = [grads[i] for i in group.indices]
+    if check:
+        for i, g, p in zip(group.indices, out, group.params):
+            if not (isinstance(g, Tensor) and g.shape == p.shape and g.dtype == p.dtype and g.device == p.device
+                    and g.is_contiguous()):
+                _check("grads", i, g, like=p, dtypes=(p.dtype,))
+    return out
 
 
 @dataclass(frozen=True)
@@ -258,13 +284,13 @@ def _scale_tensor(grad_scale, device: torch.device, dtype: torch.dtype) -> Tenso
     return torch.tensor(float(grad_scale), dtype=dtype, device=device)
 
 
-def _step_torch(g: _Group, c: _Coeffs, grad_scale, clip_total: bool) -> tuple[Tensor, Tensor]:
+def _step_torch(g: TensorGroup, grads: list[Tensor], c: _Coeffs, grad_scale,
+                clip_total: bool) -> tuple[Tensor, Tensor]:
     device = g.params[0].device
     if grad_scale is not None:
         grad_scale = _scale_tensor(grad_scale, device, g.params[0].dtype)
     penalty = torch.zeros((), dtype=torch.float64, device=device)
     ewc_sq = torch.zeros((), dtype=torch.float64, device=device)
-    grads = g.grads
     if g.has_ewc:
         dtype = g.params[0].dtype
         d = torch._foreach_sub(g.params, _upcast(g.anchors, dtype))
@@ -298,15 +324,15 @@ def _step_torch(g: _Group, c: _Coeffs, grad_scale, clip_total: bool) -> tuple[Te
     return penalty, ewc_sq
 
 
-def _norms_torch(g: _Group, ewc_lambda: float) -> tuple[Tensor, Tensor]:
-    grad_sq = _dot_sum(g.grads, g.grads)
+def _norms_torch(g: TensorGroup, grads: list[Tensor], ewc_lambda: float) -> tuple[Tensor, Tensor]:
+    grad_sq = _dot_sum(grads, grads)
     if not g.has_ewc:
         return grad_sq, grad_sq
     dtype = g.params[0].dtype
     t = torch._foreach_sub(g.params, _upcast(g.anchors, dtype))
     torch._foreach_mul_(t, _upcast(g.fishers, dtype))
     torch._foreach_mul_(t, ewc_lambda)
-    torch._foreach_add_(t, g.grads)
+    torch._foreach_add_(t, grads)
     return grad_sq, _dot_sum(t, t)
 
 
@@ -380,10 +406,11 @@ def _scale_value(grad_scale) -> float:
     return float(grad_scale.item()) if isinstance(grad_scale, Tensor) else float(grad_scale)
 
 
-def _step_cpp(mod, g: _Group, c: _Coeffs, grad_scale, clip_total: bool) -> tuple[Tensor, Tensor]:
+def _step_cpp(mod, g: TensorGroup, grads: list[Tensor], c: _Coeffs, grad_scale,
+              clip_total: bool) -> tuple[Tensor, Tensor]:
     s = _scale_value(grad_scale)
     pen, sq = mod.ewc_adamw_step(
-        [p.numel() for p in g.params], _ptrs(g.params), _ptrs(g.grads), _ptrs(g.exp_avgs), _ptrs(g.exp_avg_sqs),
+        [p.numel() for p in g.params], _ptrs(g.params), _ptrs(grads), _ptrs(g.exp_avgs), _ptrs(g.exp_avg_sqs),
         _ptrs(g.fishers), _ptrs(g.anchors), _dtype_name(g.params[0]),
         _dtype_name(g.fishers[0] if g.has_ewc else None), _dtype_name(g.anchors[0] if g.has_ewc else None),
         c.ewc_lambda, c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, c.bias_correction1, c.bias_correction2,
@@ -391,9 +418,9 @@ def _step_cpp(mod, g: _Group, c: _Coeffs, grad_scale, clip_total: bool) -> tuple
     return (torch.tensor(c.ewc_lambda / 2 * pen, dtype=torch.float64), torch.tensor(sq, dtype=torch.float64))
 
 
-def _norms_cpp(mod, g: _Group, ewc_lambda: float) -> tuple[Tensor, Tensor]:
+def _norms_cpp(mod, g: TensorGroup, grads: list[Tensor], ewc_lambda: float) -> tuple[Tensor, Tensor]:
     grad_sq, total_sq = mod.ewc_grad_sq_norms(
-        [p.numel() for p in g.params], _ptrs(g.params), _ptrs(g.grads), _ptrs(g.fishers), _ptrs(g.anchors),
+        [p.numel() for p in g.params], _ptrs(g.params), _ptrs(grads), _ptrs(g.fishers), _ptrs(g.anchors),
         _dtype_name(g.params[0]), _dtype_name(g.fishers[0] if g.has_ewc else None),
         _dtype_name(g.anchors[0] if g.has_ewc else None), ewc_lambda)
     if not g.has_ewc:
@@ -407,7 +434,8 @@ if triton is not None:
 
     @triton.jit
     def _ewc_adamw_kernel(
-        ptrs,  # int64 [6, T]: data pointers of p, g, m, v, F, anchor of each tensor
+        ptrs,  # int64 [5, T]: data pointers of p, m, v, F, anchor of each tensor
+        grad_ptrs,  # int64 [T]: data pointers of the gradients (new tensors every step, so a separate table)
         num_tensors,  # T, the row stride of ptrs
         blocks,  # int64 [2, B]: tensor index and first element of each program's block
         num_blocks,  # B, the row stride of blocks
@@ -423,9 +451,9 @@ if triton is not None:
         t = tl.load(blocks + pid)
         start = tl.load(blocks + num_blocks + pid)
         p_ptr = tl.load(ptrs + t).to(tl.pointer_type(tl.float32))
-        g_ptr = tl.load(ptrs + num_tensors + t).to(tl.pointer_type(tl.float32))
-        m_ptr = tl.load(ptrs + 2 * num_tensors + t).to(tl.pointer_type(tl.float32))
-        v_ptr = tl.load(ptrs + 3 * num_tensors + t).to(tl.pointer_type(tl.float32))
+        g_ptr = tl.load(grad_ptrs + t).to(tl.pointer_type(tl.float32))
+        m_ptr = tl.load(ptrs + num_tensors + t).to(tl.pointer_type(tl.float32))
+        v_ptr = tl.load(ptrs + 2 * num_tensors + t).to(tl.pointer_type(tl.float32))
         if ALIGNED:  # every pointer 16-byte aligned (checked by the launcher): 128-bit accesses
             start = tl.multiple_of(start, BLOCK)
             p_ptr = tl.multiple_of(p_ptr, 16)
@@ -442,8 +470,8 @@ if triton is not None:
         if HAS_SCALE:
             s = tl.load(grad_scale)
         if HAS_EWC:
-            f_ptr = tl.load(ptrs + 4 * num_tensors + t).to(tl.pointer_type(tl.bfloat16 if F_BF16 else tl.float32))
-            a_ptr = tl.load(ptrs + 5 * num_tensors + t).to(tl.pointer_type(tl.bfloat16 if A_BF16 else tl.float32))
+            f_ptr = tl.load(ptrs + 3 * num_tensors + t).to(tl.pointer_type(tl.bfloat16 if F_BF16 else tl.float32))
+            a_ptr = tl.load(ptrs + 4 * num_tensors + t).to(tl.pointer_type(tl.bfloat16 if A_BF16 else tl.float32))
             if ALIGNED:
                 f_ptr = tl.multiple_of(f_ptr, 16)
                 a_ptr = tl.multiple_of(a_ptr, 16)
@@ -484,7 +512,7 @@ if triton is not None:
 
     @triton.jit
     def _ewc_grad_norms_kernel(
-        ptrs, num_tensors, blocks, num_blocks, sizes,  # as in _ewc_adamw_kernel
+        ptrs, grad_ptrs, num_tensors, blocks, num_blocks, sizes,  # as in _ewc_adamw_kernel
         partials,  # float32 [B, 2]: per-program sum(g^2), sum((g + e)^2)
         ewc_lambda,
         HAS_EWC: tl.constexpr, F_BF16: tl.constexpr, A_BF16: tl.constexpr, MASKED: tl.constexpr,
@@ -493,7 +521,7 @@ if triton is not None:
         pid = tl.program_id(0).to(tl.int64)
         t = tl.load(blocks + pid)
         start = tl.load(blocks + num_blocks + pid)
-        g_ptr = tl.load(ptrs + num_tensors + t).to(tl.pointer_type(tl.float32))
+        g_ptr = tl.load(grad_ptrs + t).to(tl.pointer_type(tl.float32))
         if ALIGNED:
             start = tl.multiple_of(start, BLOCK)
             g_ptr = tl.multiple_of(g_ptr, 16)
@@ -509,8 +537,8 @@ if triton is not None:
         tl.store(partials + 2 * pid, tl.sum(gsq, axis=0))
         if HAS_EWC:
             p_ptr = tl.load(ptrs + t).to(tl.pointer_type(tl.float32))
-            f_ptr = tl.load(ptrs + 4 * num_tensors + t).to(tl.pointer_type(tl.bfloat16 if F_BF16 else tl.float32))
-            a_ptr = tl.load(ptrs + 5 * num_tensors + t).to(tl.pointer_type(tl.bfloat16 if A_BF16 else tl.float32))
+            f_ptr = tl.load(ptrs + 3 * num_tensors + t).to(tl.pointer_type(tl.bfloat16 if F_BF16 else tl.float32))
+            a_ptr = tl.load(ptrs + 4 * num_tensors + t).to(tl.pointer_type(tl.bfloat16 if A_BF16 else tl.float32))
             if ALIGNED:
                 p_ptr = tl.multiple_of(p_ptr, 16)
                 f_ptr = tl.multiple_of(f_ptr, 16)
@@ -526,18 +554,15 @@ if triton is not None:
 
 
 @dataclass
-class _TritonPlan:
-    """Launch tables for one dtype group: pointers, and the full-block and tail-block maps (all on the device)."""
+class _TritonTables:
+    """Launch tables of one TensorGroup (on the device), valid while its tensors keep their data pointers."""
 
-    ptrs: Tensor  # int64 [6, T]
+    key: tuple  # the pointers and sizes they were built from
+    ptrs: Tensor  # int64 [5, T]: p, m, v, F, anchor (placeholders: p's pointers where a stream is absent)
     sizes: Tensor  # int64 [T]
     full_blocks: Tensor  # int64 [2, Bf]
     tail_blocks: Tensor  # int64 [2, Bt]
-    aligned: bool
-
-
-_PLAN_CACHE: dict[tuple, _TritonPlan] = {}
-_PLAN_CACHE_SIZE = 16
+    aligned: bool  # every static pointer 16-byte aligned
 
 
 def _block_maps(sizes: list[int], block: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -552,25 +577,21 @@ def _block_maps(sizes: list[int], block: int) -> tuple[list[list[int]], list[lis
     return [full_t, full_s], [tail_t, tail_s]
 
 
-def _triton_plan(g: _Group, block: int) -> _TritonPlan:
-    """Tables for `g`, cached on the data pointers: a step with the same tensors reuses them (one dict lookup)."""
-    streams = [g.params, g.grads, g.exp_avgs or g.params, g.exp_avg_sqs or g.params,
-               g.fishers or g.params, g.anchors or g.params]
-    pointer_rows = [_ptrs(s) for s in streams]
-    sizes = [p.numel() for p in g.params]
-    device = g.params[0].device
-    key = (device, block, tuple(sizes), *(tuple(r) for r in pointer_rows))
-    plan = _PLAN_CACHE.get(key)
-    if plan is None:
+def _triton_tables(g: TensorGroup, block: int) -> _TritonTables:
+    """g's tables, rebuilt only when a pointer changed (reading the pointers each step keeps that safe)."""
+    rows = [_ptrs(s) for s in (g.params, g.exp_avgs or g.params, g.exp_avg_sqs or g.params,
+                               g.fishers or g.params, g.anchors or g.params)]
+    key = (block, *(tuple(r) for r in rows))
+    tables = g.triton_tables
+    if tables is None or tables.key != key:
+        device = g.params[0].device
+        sizes = [p.numel() for p in g.params]
         full, tail = _block_maps(sizes, block)
         to_dev = lambda rows: torch.tensor(rows, dtype=torch.int64).to(device)  # noqa: E731
-        plan = _TritonPlan(ptrs=to_dev(pointer_rows), sizes=to_dev(sizes), full_blocks=to_dev(full),
-                           tail_blocks=to_dev(tail),
-                           aligned=all(x % 16 == 0 for row in pointer_rows for x in row))
-        if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
-            _PLAN_CACHE.pop(next(iter(_PLAN_CACHE)))
-        _PLAN_CACHE[key] = plan
-    return plan
+        tables = _TritonTables(key=key, ptrs=to_dev(rows), sizes=to_dev(sizes), full_blocks=to_dev(full),
+                               tail_blocks=to_dev(tail), aligned=all(x % 16 == 0 for r in rows for x in r))
+        g.triton_tables = tables
+    return tables
 
 
 def triton_interpreted() -> bool:
@@ -593,26 +614,32 @@ def _check_device(backend: str, device: torch.device) -> None:
         raise ValueError(f"ewc_adamw: the 'cpp' backend runs on CPU tensors, these are on {device}")
 
 
-def _launch_both(kernel, plan: _TritonPlan, partials: Tensor, args: tuple, block: int, **constexprs) -> None:
-    nfull = plan.full_blocks.shape[1]
-    ntail = plan.tail_blocks.shape[1]
-    T = plan.ptrs.shape[1]
+def _launch_both(kernel, tables: _TritonTables, grads: list[Tensor], partials: Tensor, args: tuple, block: int,
+                 **constexprs) -> None:
+    """One launch over all full blocks (unmasked), one over the tensors' partial last blocks (masked)."""
+    grad_rows = _ptrs(grads)
+    grad_ptrs = torch.tensor(grad_rows, dtype=torch.int64).to(partials.device)
+    aligned = tables.aligned and all(x % 16 == 0 for x in grad_rows)
+    nfull = tables.full_blocks.shape[1]
+    ntail = tables.tail_blocks.shape[1]
+    T = tables.ptrs.shape[1]
     num_warps = 8 if block >= 2048 else 4
     if nfull:
-        kernel[(nfull,)](plan.ptrs, T, plan.full_blocks, nfull, plan.sizes, partials, *args, MASKED=False,
-                         ALIGNED=plan.aligned, BLOCK=block, num_warps=num_warps, **constexprs)
+        kernel[(nfull,)](tables.ptrs, grad_ptrs, T, tables.full_blocks, nfull, tables.sizes, partials, *args,
+                         MASKED=False, ALIGNED=aligned, BLOCK=block, num_warps=num_warps, **constexprs)
     if ntail:
         tail_partials = partials[nfull:] if partials.shape[0] > 1 else partials  # [1, 2]: unused placeholder
-        kernel[(ntail,)](plan.ptrs, T, plan.tail_blocks, ntail, plan.sizes, tail_partials, *args, MASKED=True,
-                         ALIGNED=plan.aligned, BLOCK=block, num_warps=num_warps, **constexprs)
+        kernel[(ntail,)](tables.ptrs, grad_ptrs, T, tables.tail_blocks, ntail, tables.sizes, tail_partials, *args,
+                         MASKED=True, ALIGNED=aligned, BLOCK=block, num_warps=num_warps, **constexprs)
 
 
-def _step_triton(g: _Group, c: _Coeffs, grad_scale, clip_total: bool, block: int) -> tuple[Tensor, Tensor]:
+def _step_triton(g: TensorGroup, grads: list[Tensor], c: _Coeffs, grad_scale, clip_total: bool,
+                 block: int) -> tuple[Tensor, Tensor]:
     device = g.params[0].device
-    if g.params[0].dtype != torch.float32:
+    if g.dtype != torch.float32:
         raise ValueError("ewc_adamw: the 'triton' backend takes float32 parameters (use 'torch' for float64)")
-    plan = _triton_plan(g, block)
-    nblocks = plan.full_blocks.shape[1] + plan.tail_blocks.shape[1]
+    tables = _triton_tables(g, block)
+    nblocks = tables.full_blocks.shape[1] + tables.tail_blocks.shape[1]
     partials = torch.empty((nblocks if g.has_ewc else 1, 2), dtype=torch.float32, device=device)
     if grad_scale is not None:
         grad_scale = _scale_tensor(grad_scale, device, torch.float32)
@@ -620,7 +647,7 @@ def _step_triton(g: _Group, c: _Coeffs, grad_scale, clip_total: bool, block: int
     args = (grad_scale if grad_scale is not None else partials,
             c.ewc_lambda, lerp_weight, c.beta2, 1 - c.beta2, math.sqrt(c.bias_correction2), c.eps,
             1 - c.lr * c.weight_decay, -(c.lr / c.bias_correction1))
-    _launch_both(_ewc_adamw_kernel, plan, partials, args, block, HAS_EWC=g.has_ewc,
+    _launch_both(_ewc_adamw_kernel, tables, grads, partials, args, block, HAS_EWC=g.has_ewc,
                  F_BF16=g.has_ewc and g.fishers[0].dtype == torch.bfloat16,
                  A_BF16=g.has_ewc and g.anchors[0].dtype == torch.bfloat16, HAS_SCALE=grad_scale is not None,
                  CLIP_TOTAL=clip_total, LERP_SMALL=abs(lerp_weight) < 0.5)
@@ -631,11 +658,13 @@ def _step_triton(g: _Group, c: _Coeffs, grad_scale, clip_total: bool, block: int
     return (c.ewc_lambda / 2) * sums[0], sums[1]
 
 
-def _norms_triton(g: _Group, ewc_lambda: float, block: int) -> tuple[Tensor, Tensor]:
-    plan = _triton_plan(g, block)
-    nblocks = plan.full_blocks.shape[1] + plan.tail_blocks.shape[1]
+def _norms_triton(g: TensorGroup, grads: list[Tensor], ewc_lambda: float, block: int) -> tuple[Tensor, Tensor]:
+    if g.dtype != torch.float32:
+        raise ValueError("ewc_adamw: the 'triton' backend takes float32 parameters (use 'torch' for float64)")
+    tables = _triton_tables(g, block)
+    nblocks = tables.full_blocks.shape[1] + tables.tail_blocks.shape[1]
     partials = torch.zeros((nblocks, 2), dtype=torch.float32, device=g.params[0].device)
-    _launch_both(_ewc_grad_norms_kernel, plan, partials, (ewc_lambda,), block, HAS_EWC=g.has_ewc,
+    _launch_both(_ewc_grad_norms_kernel, tables, grads, partials, (ewc_lambda,), block, HAS_EWC=g.has_ewc,
                  F_BF16=g.has_ewc and g.fishers[0].dtype == torch.bfloat16,
                  A_BF16=g.has_ewc and g.anchors[0].dtype == torch.bfloat16)
     sums = partials.sum(dim=0, dtype=torch.float64)
@@ -663,71 +692,98 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     return backend
 
 
+def step_groups(groups: Sequence[TensorGroup], grads: Sequence[Tensor], *, ewc_lambda: float, lr: float,
+                betas: tuple[float, float], eps: float, weight_decay: float, step: int,
+                grad_scale: float | Tensor | None = None, clip_mode: str = "task", backend: str,
+                block: int = DEFAULT_BLOCK, check_grads: bool = True) -> tuple[Tensor, Tensor]:
+    """The step on prepared groups (see ewc_adamw_); `grads` is the caller's full list, picked by group.indices."""
+    if clip_mode not in CLIP_MODES:
+        raise ValueError(f"ewc_adamw: clip_mode must be 'task' or 'total', got {clip_mode!r}")
+    c = _Coeffs.make(ewc_lambda=ewc_lambda, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, step=step)
+    clip_total = clip_mode == "total"
+    penalty = ewc_sq = None
+    mod = None
+    for g in groups:
+        device = g.params[0].device
+        _check_device(backend, device)
+        gg = group_grads(g, grads, check=check_grads)
+        if backend == "cpp" and mod is None:
+            mod = cpp_extension()
+        if backend == "triton":
+            pen, sq = _step_triton(g, gg, c, grad_scale, clip_total, block)
+        elif backend == "cpp" and mod is not None:
+            pen, sq = _step_cpp(mod, g, gg, c, grad_scale, clip_total)
+        elif backend in ("cpp", "torch"):
+            pen, sq = _step_torch(g, gg, c, grad_scale, clip_total)
+        else:
+            raise ValueError(f"ewc_adamw: unknown backend {backend!r}; choose triton, cpp or torch")
+        pen, sq = pen.to(device), sq.to(device)
+        penalty = pen if penalty is None else penalty + pen
+        ewc_sq = sq if ewc_sq is None else ewc_sq + sq
+    if penalty is None:
+        penalty = ewc_sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
+    return penalty, ewc_sq
+
+
+def grad_sq_norms_groups(groups: Sequence[TensorGroup], grads: Sequence[Tensor], *, ewc_lambda: float,
+                         backend: str, block: int = DEFAULT_BLOCK,
+                         check_grads: bool = True) -> tuple[Tensor, Tensor]:
+    """ewc_grad_sq_norms on prepared groups."""
+    grad_sq = total_sq = None
+    mod = None
+    for g in groups:
+        device = g.params[0].device
+        _check_device(backend, device)
+        gg = group_grads(g, grads, check=check_grads)
+        if backend == "cpp" and mod is None:
+            mod = cpp_extension()
+        if backend == "triton":
+            gs, ts = _norms_triton(g, gg, float(ewc_lambda), block)
+        elif backend == "cpp" and mod is not None:
+            gs, ts = _norms_cpp(mod, g, gg, float(ewc_lambda))
+        elif backend in ("cpp", "torch"):
+            gs, ts = _norms_torch(g, gg, float(ewc_lambda))
+        else:
+            raise ValueError(f"ewc_adamw: unknown backend {backend!r}; choose triton, cpp or torch")
+        gs, ts = gs.to(device), ts.to(device)
+        grad_sq = gs if grad_sq is None else grad_sq + gs
+        total_sq = ts if total_sq is None else total_sq + ts
+    if grad_sq is None:
+        grad_sq = total_sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
+    return grad_sq, total_sq
+
+
 def ewc_adamw_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                exp_avg_sqs: Sequence[Tensor], *, fishers: Sequence[Tensor | None] | None = None,
                anchors: Sequence[Tensor | None] | None = None, ewc_lambda: float = 0.0, lr: float,
                betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, step: int,
                grad_scale: float | Tensor | None = None, clip_mode: str = "task", backend: str = "torch",
-               block: int = DEFAULT_BLOCK, check: bool = True) -> tuple[Tensor, Tensor]:
+               block: int = DEFAULT_BLOCK) -> tuple[Tensor, Tensor]:
     """One fused EWC-AdamW step, in place on params, exp_avgs and exp_avg_sqs (see the module docstring).
 
     `step` is the step being taken (1 first); `grad_scale` the clip scale s (a float or a 1-element tensor on the
     device, read by the kernel: no host sync); `clip_mode` where s applies ("task": to g; "total": to g + e).
-    `check=False` skips the per-tensor validation (the optimizer validates once and caches).
     Returns 0-dim float64 tensors on the device: the penalty (lambda/2) sum F (p - anchor)^2 at the pre-step p,
-    and sum(e^2), the squared norm of the EWC gradient. Empty tensors are skipped.
+    and sum(e^2), the squared norm of the EWC gradient. Empty tensors are skipped. Every call validates every
+    tensor; EWCAdamW prepares the groups once (group_tensors) and calls step_groups.
     """
-    if clip_mode not in CLIP_MODES:
-        raise ValueError(f"ewc_adamw: clip_mode must be 'task' or 'total', got {clip_mode!r}")
-    c = _Coeffs.make(ewc_lambda=ewc_lambda, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, step=step)
-    groups = _group(params, grads, exp_avgs, exp_avg_sqs, fishers, anchors, c.ewc_lambda, check=check)
-    device = params[0].device if len(params) else torch.device("cpu")
-    penalty = torch.zeros((), dtype=torch.float64, device=device)
-    ewc_sq = torch.zeros((), dtype=torch.float64, device=device)
-    if not groups:
-        return penalty, ewc_sq
-    _check_device(backend, device)
-    clip_total = clip_mode == "total"
-    mod = cpp_extension() if backend == "cpp" else None
-    for g in groups:
-        if backend == "triton":
-            pen, sq = _step_triton(g, c, grad_scale, clip_total, block)
-        elif backend == "cpp" and mod is not None:
-            pen, sq = _step_cpp(mod, g, c, grad_scale, clip_total)
-        elif backend in ("cpp", "torch"):
-            pen, sq = _step_torch(g, c, grad_scale, clip_total)
-        else:
-            raise ValueError(f"ewc_adamw: unknown backend {backend!r}; choose triton, cpp or torch")
-        penalty = penalty + pen.to(device)
-        ewc_sq = ewc_sq + sq.to(device)
-    return penalty, ewc_sq
+    if len(grads) != len(params):
+        raise ValueError(f"ewc_adamw: {len(grads)} grads for {len(params)} parameters")
+    groups = group_tensors(params, exp_avgs, exp_avg_sqs, fishers, anchors, ewc_lambda=float(ewc_lambda))
+    return step_groups(groups, grads, ewc_lambda=ewc_lambda, lr=lr, betas=betas, eps=eps,
+                       weight_decay=weight_decay, step=step, grad_scale=grad_scale, clip_mode=clip_mode,
+                       backend=backend, block=block)
 
 
 def ewc_grad_sq_norms(params: Sequence[Tensor], grads: Sequence[Tensor], *,
                       fishers: Sequence[Tensor | None] | None = None,
                       anchors: Sequence[Tensor | None] | None = None, ewc_lambda: float = 0.0,
-                      backend: str = "torch", block: int = DEFAULT_BLOCK,
-                      check: bool = True) -> tuple[Tensor, Tensor]:
+                      backend: str = "torch", block: int = DEFAULT_BLOCK) -> tuple[Tensor, Tensor]:
     """(sum(g^2), sum((g + e)^2)) over all tensors as 0-dim float64 device tensors, in one read pass.
 
-    With ewc_lambda = 0 or no EWC state only g is read. Nothing is written.
+    With ewc_lambda = 0 or no EWC state only g is read (and both values are sum(g^2)). Nothing is written.
     """
-    groups = _group(params, grads, None, None, fishers, anchors, float(ewc_lambda), check=check)
-    device = params[0].device if len(params) else torch.device("cpu")
-    grad_sq = torch.zeros((), dtype=torch.float64, device=device)
-    total_sq = torch.zeros((), dtype=torch.float64, device=device)
-    if groups:
-        _check_device(backend, device)
-    mod = cpp_extension() if backend == "cpp" and groups else None
-    for g in groups:
-        if backend == "triton":
-            gs, ts = _norms_triton(g, float(ewc_lambda), block)
-        elif backend == "cpp" and mod is not None:
-            gs, ts = _norms_cpp(mod, g, float(ewc_lambda))
-        elif backend in ("cpp", "torch"):
-            gs, ts = _norms_torch(g, float(ewc_lambda))
-        else:
-            raise ValueError(f"ewc_adamw: unknown backend {backend!r}; choose triton, cpp or torch")
-        grad_sq = grad_sq + gs.to(device)
-        total_sq = total_sq + ts.to(device)
-    return grad_sq, total_sq
+    if len(grads) != len(params):
+        raise ValueError(f"ewc_adamw: {len(grads)} grads for {len(params)} parameters")
+    groups = group_tensors(params, None, None, fishers, anchors, ewc_lambda=float(ewc_lambda))
+    return grad_sq_norms_groups(groups, grads, ewc_lambda=ewc_lambda, backend=backend, block=block)

@@ -22,7 +22,8 @@ state: they come from the EWC file on every run and are never saved in state_dic
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -131,6 +132,27 @@ def _tensor_summary(t: Tensor) -> str:
 # ---------------------------------------------------------------------------------------------------- optimizer
 
 
+@dataclass
+class _Part:
+    """Parameters of one param group that share a reduce key and a dtype: one fused call (per kernel group)."""
+
+    reduce_key: object
+    dtype: torch.dtype
+    indices: list[int]  # positions in _Plan.plist
+    groups: list  # K.TensorGroup, for the step and the "total" norm pass
+    grad_groups: list  # K.TensorGroup without F and anchor, for the "task" norm pass (reads g only)
+    locals: dict  # params, exp_avgs, exp_avg_sqs, fishers, anchors: local tensors in `indices` order
+
+
+@dataclass
+class _Plan:
+    key: tuple
+    plist: list[Tensor]  # the group's parameters that have gradients, in group order
+    steps: Tensor  # float32 [len(plist)], CPU: state[p]["step"] are views of it
+    parts: list[_Part]
+
+
+
 class EWCAdamW(torch.optim.Optimizer):
     """torch.optim.AdamW plus the EWC gradient ewc_lambda * F * (p - anchor), fused into one pass per dtype group.
 
@@ -157,7 +179,8 @@ class EWCAdamW(torch.optim.Optimizer):
         self._backend: str | None = None
         self._ewc: dict[Tensor, tuple[Tensor, Tensor]] = {}
         self._ewc_lambda = 0.0
-        self._checked: set[int] = set()  # ids of parameters whose state and EWC tensors passed the checks
+        self._version = 0  # bumped by anything that invalidates the cached plans
+        self._plans: dict[int, _Plan] = {}
         self._clip: tuple[Tensor, str] | None = None  # (scale, mode) for the next step
         self._last_local: list[tuple[object, Tensor, Tensor]] = []  # (reduce key, penalty, sum e^2) per key
         self._last_reduced: tuple[Tensor, Tensor] | None = None
@@ -189,7 +212,7 @@ class EWCAdamW(torch.optim.Optimizer):
         """
         if ewc_lambda is not None:
             self.ewc_lambda = ewc_lambda
-        self._checked.clear()
+        self._invalidate()
         self._ewc = {}
         if fisher is None and anchor is None:
             return
@@ -246,7 +269,7 @@ class EWCAdamW(torch.optim.Optimizer):
         backend = self.backend
         return "torch" if backend == "triton" and dtype == torch.float64 else backend
 
-    # --- state -----------------------------------------------------------------------------------------------
+    # --- state and plans ---------------------------------------------------------------------------------------
 
     def _state_of(self, p: Tensor) -> dict:
         state = self.state[p]
@@ -257,31 +280,72 @@ class EWCAdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         return state
 
+    def _invalidate(self) -> None:
+        self._version += 1
+
+    def _plan(self, group_index: int, plist: list[Tensor]) -> _Plan:
+        """The prepared kernel groups for the parameters of a group that have gradients (rebuilt when that set,
+        the EWC state, lambda's zeroness or the optimizer state changes; validation happens here, once)."""
+        key = (self._version, self._ewc_lambda != 0, tuple(map(id, plist)))
+        plan = self._plans.get(group_index)
+        if plan is not None and plan.key == key:
+            return plan
+        states = [self._state_of(p) for p in plist]
+        for j, (p, state) in enumerate(zip(plist, states)):
+            self._check_param(j, p, state)
+        # Steps as views of one buffer: one add_ per step instead of one op per parameter. state_dict() hands out
+        # copies; load_state_dict() bumps the version, and the next plan adopts the loaded values.
+        steps = torch.tensor([float(s["step"]) for s in states], dtype=torch.float32)
+        for i, state in enumerate(states):
+            state["step"] = steps[i]
+        parts: dict[tuple, list[int]] = {}
+        for j, p in enumerate(plist):
+            parts.setdefault((_reduce_key(p), _local(p).dtype), []).append(j)
+        built = []
+        for (reduce_key, dtype), idx in parts.items():
+            ewc = [self._ewc.get(plist[j], (None, None)) for j in idx]
+            locals_ = dict(
+                params=[_local(plist[j]) for j in idx],
+                exp_avgs=[_local(states[j]["exp_avg"]) for j in idx],
+                exp_avg_sqs=[_local(states[j]["exp_avg_sq"]) for j in idx],
+                fishers=[f for f, _ in ewc], anchors=[a for _, a in ewc])
+            groups = K.group_tensors(**locals_, ewc_lambda=self._ewc_lambda, check=False)
+            grad_groups = K.group_tensors(locals_["params"], None, None, None, None, ewc_lambda=0.0, check=False)
+            built.append(_Part(reduce_key, dtype, idx, groups, grad_groups, locals_))
+        plan = _Plan(key, plist, steps, built)
+        self._plans[group_index] = plan
+        return plan
+
     def _check_param(self, i: int, p: Tensor, state: dict) -> None:
-        if id(p) in self._checked:
-            return
         local = _local(p)
         if local.dtype not in (torch.float32, torch.float64):
             raise UserError(f"parameter {i} is {str(local.dtype).removeprefix('torch.')}; EWCAdamW keeps float32 "
                             f"(or float64) master parameters: build the model in float32")
-        for name in ("exp_avg", "exp_avg_sq"):
-            s = _local(state[name])
-            if s.shape != local.shape or s.dtype != local.dtype or s.device != local.device:
-                raise UserError(f"parameter {i}: optimizer state {name} ({_tensor_summary(state[name])}) does "
-                                f"not match the parameter ({_tensor_summary(p)})")
         if not local.is_contiguous():
             raise UserError(f"parameter {i} ({_tensor_summary(p)}) is not contiguous")
-        self._checked.add(id(p))
+        for name in ("exp_avg", "exp_avg_sq"):
+            s = _local(state[name])
+            if s.shape != local.shape or s.dtype != local.dtype or s.device != local.device \
+                    or not s.is_contiguous():
+                raise UserError(f"parameter {i}: optimizer state {name} ({_tensor_summary(state[name])}) does "
+                                f"not match the parameter ({_tensor_summary(p)})")
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        # The live step tensors are views of a shared buffer: hand out independent copies.
+        sd["state"] = {k: {**v, "step": v["step"].detach().clone()} if "step" in v else dict(v)
+                       for k, v in sd["state"].items()}
+        return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         for state in self.state.values():
-            if "step" in state:  # torch.optim keeps the caller's step tensor; the next step() would increment it
+            if "step" in state:  # torch.optim keeps the caller's tensor; ours is incremented in place
                 state["step"] = state["step"].detach().clone()
             for name in ("exp_avg", "exp_avg_sq"):
                 if name in state and not _local(state[name]).is_contiguous():
                     state[name] = state[name].contiguous()
-        self._checked.clear()
+        self._invalidate()
         self._clip = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -291,18 +355,17 @@ class EWCAdamW(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        if hasattr(self, "_checked"):
-            self._checked.clear()
+        if hasattr(self, "_version"):
+            self._invalidate()
+
+    def _plans_with_grads(self):
+        """(group, plan, local grads of plan.plist) for every param group with gradients."""
+        for gi, group in enumerate(self.param_groups):
+            plist = [p for p in group["params"] if p.grad is not None]
+            if plist:
+                yield group, self._plan(gi, plist), [_local(p.grad) for p in plist]
 
     # --- clipping --------------------------------------------------------------------------------------------
-
-    def _params_with_grad(self):
-        i = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    yield i, group, p
-                i += 1
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float | None, *, mode: str = "task") -> tuple[Tensor, Tensor | None]:
@@ -320,23 +383,19 @@ class EWCAdamW(torch.optim.Optimizer):
             raise UserError(f"clip mode must be 'task' or 'total', got {mode!r}")
         if max_norm is not None and not max_norm >= 0:
             raise UserError(f"max_norm must be >= 0 or None, got {max_norm}")
-        clip = bool(max_norm)
-        use_ewc = mode == "total" and self._ewc_lambda != 0 and bool(self._ewc)
-        by_key: dict[object, tuple[list, list, list, list]] = {}
-        for i, _, p in self._params_with_grad():
-            lists = by_key.setdefault((_reduce_key(p), _local(p).dtype), ([], [], [], []))
-            lists[0].append(_local(p))
-            lists[1].append(_local(p.grad))
-            f, a = self._ewc.get(p, (None, None)) if use_ewc else (None, None)
-            lists[2].append(f)
-            lists[3].append(a)
+        use_ewc = mode == "total" and self._ewc_lambda != 0
+        by_key: dict[object, list[Tensor]] = {}
+        for _, plan, grads in self._plans_with_grads():
+            for part in plan.parts:
+                part_grads = [grads[j] for j in part.indices]
+                groups = part.groups if use_ewc else part.grad_groups
+                gsq, tsq = K.grad_sq_norms_groups(groups, part_grads, ewc_lambda=self._ewc_lambda,
+                                                  backend=self._backend_for(part.dtype))
+                acc = by_key.setdefault(part.reduce_key, [])
+                acc += [gsq, tsq]
         grad_sq = total_sq = None
-        for (key, dtype), (ps, gs, fs, as_) in by_key.items():
-            for j, (p, g) in enumerate(zip(ps, gs)):
-                K._check("grads", j, g, like=p, dtypes=(p.dtype,))
-            gsq, tsq = K.ewc_grad_sq_norms(ps, gs, fishers=fs, anchors=as_, ewc_lambda=self._ewc_lambda,
-                                           backend=self._backend_for(dtype), check=False)
-            gsq, tsq = _all_reduce(gsq, key), _all_reduce(tsq, key)
+        for key, sums in by_key.items():
+            gsq, tsq = _all_reduce(torch.stack(sums[0::2]).sum(), key), _all_reduce(torch.stack(sums[1::2]).sum(), key)
             grad_sq = gsq if grad_sq is None else grad_sq + gsq
             total_sq = tsq if total_sq is None else total_sq + tsq
         if grad_sq is None:
@@ -344,10 +403,9 @@ class EWCAdamW(torch.optim.Optimizer):
         task_norm = grad_sq.sqrt()
         total_norm = total_sq.sqrt() if mode == "total" else None
         self._clip = None
-        if clip:
+        if max_norm:
             norm = total_norm if mode == "total" else task_norm
-            scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-            self._clip = (scale, mode)
+            self._clip = (torch.clamp(max_norm / (norm + 1e-6), max=1.0), mode)
         return task_norm, total_norm
 
     # --- step ------------------------------------------------------------------------------------------------
@@ -360,35 +418,30 @@ class EWCAdamW(torch.optim.Optimizer):
                 loss = closure()
         scale, mode = self._clip if self._clip is not None else (None, "task")
         self._clip = None
-        lam = self._ewc_lambda
         sums: dict[object, list[Tensor]] = {}
-        for group in self.param_groups:
-            # Partition by (step count, reduce key, dtype): one fused call each, normally just one.
-            parts: dict[tuple, tuple[list, ...]] = {}
-            plist = [p for p in group["params"] if p.grad is not None]
-            if not plist:
-                continue
-            states = [self._state_of(p) for p in plist]
-            steps = [s["step"] for s in states]
-            torch._foreach_add_(steps, 1.0)
-            step_values = torch.stack(steps).tolist() if len(steps) > 1 else [steps[0].item()]
-            for j, (p, state, step) in enumerate(zip(plist, states, step_values)):
-                self._check_param(j, p, state)
-                local = _local(p)
-                grad = _local(p.grad)
-                K._check("grads", j, grad, like=local, dtypes=(local.dtype,))
-                f, a = self._ewc.get(p, (None, None))
-                lists = parts.setdefault((int(step), _reduce_key(p), local.dtype), ([], [], [], [], [], []))
-                for lst, t in zip(lists, (local, grad, _local(state["exp_avg"]), _local(state["exp_avg_sq"]), f, a)):
-                    lst.append(t)
-            for (step, key, dtype), (ps, gs, ms, vs, fs, as_) in parts.items():
-                pen, sq = K.ewc_adamw_(ps, gs, ms, vs, fishers=fs, anchors=as_, ewc_lambda=lam, lr=float(group["lr"]),
-                                       betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
-                                       step=step, grad_scale=scale, clip_mode=mode, backend=self._backend_for(dtype),
-                                       check=False)
-                acc = sums.setdefault(key, [])
-                acc.append(pen)
-                acc.append(sq)
+        for group, plan, grads in self._plans_with_grads():
+            plan.steps.add_(1.0)
+            step_values = plan.steps.tolist()
+            hyper = dict(ewc_lambda=self._ewc_lambda, lr=float(group["lr"]), betas=group["betas"], eps=group["eps"],
+                         weight_decay=group["weight_decay"], grad_scale=scale, clip_mode=mode)
+            for part in plan.parts:
+                part_grads = [grads[j] for j in part.indices]
+                steps = {step_values[j] for j in part.indices}
+                backend = self._backend_for(part.dtype)
+                if len(steps) == 1:
+                    pen, sq = K.step_groups(part.groups, part_grads, step=int(steps.pop()), backend=backend, **hyper)
+                else:  # parameters that missed steps (no grad at times): one call per step count
+                    pen = sq = 0
+                    for value in sorted(steps):
+                        sel = [i for i, j in enumerate(part.indices) if step_values[j] == value]
+                        pick = lambda lst: [lst[i] for i in sel]  # noqa: E731
+                        groups = K.group_tensors(*(pick(part.locals[k]) for k in
+                                                   ("params", "exp_avgs", "exp_avg_sqs", "fishers", "anchors")),
+                                                 ewc_lambda=self._ewc_lambda, check=False)
+                        p_, s_ = K.step_groups(groups, pick(part_grads), step=int(value), backend=backend, **hyper)
+                        pen, sq = pen + p_, sq + s_
+                acc = sums.setdefault(part.reduce_key, [])
+                acc += [pen, sq]
         self._last_local = [(key, torch.stack(v[0::2]).sum(), torch.stack(v[1::2]).sum()) for key, v in sums.items()]
         self._last_reduced = None
         return loss
