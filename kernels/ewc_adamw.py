@@ -49,7 +49,7 @@ import os
 import platform
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -162,7 +162,10 @@ class TensorGroup:
     """Tensors that share one kernel specialisation: parameter dtype, and F/anchor dtypes (none: no EWC).
 
     `indices` are the positions of these tensors in the caller's lists (the gradients of a step are picked by
-    them). The Triton backend caches its pointer tables here while the pointers stay the same.
+    them). A group caches the data pointers of its tensors (and the Triton launch tables built from them): the
+    parameters' pointers are read again on every call, since `p.data = ...` can move a parameter; the moments, F
+    and anchor must keep their storage while the group lives (EWCAdamW builds new groups whenever it replaces
+    them: load_state_dict, set_ewc_state).
     """
 
     indices: list[int]
@@ -171,7 +174,33 @@ class TensorGroup:
     exp_avg_sqs: list[Tensor]
     fishers: list[Tensor]
     anchors: list[Tensor]
+    sizes: list[int] = field(default_factory=list)
+    pointer_rows: list[list[int]] | None = None  # p, m, v, F, anchor (p's pointers where a stream is absent)
     triton_tables: object = None
+
+    def __post_init__(self) -> None:
+        self.sizes = [p.numel() for p in self.params]
+
+    def add(self, i: int, p: Tensor, m: Tensor | None, v: Tensor | None, f: Tensor | None, a: Tensor | None) -> None:
+        self.indices.append(i)
+        self.params.append(p)
+        self.sizes.append(p.numel())
+        if m is not None:
+            self.exp_avgs.append(m)
+            self.exp_avg_sqs.append(v)
+        if f is not None:
+            self.fishers.append(f)
+            self.anchors.append(a)
+
+    def pointers(self) -> list[list[int]]:
+        p_ptrs = _ptrs(self.params)
+        if self.pointer_rows is None or self.pointer_rows[0] != p_ptrs:
+            self.pointer_rows = [p_ptrs] + [_ptrs(s) for s in (self.exp_avgs or self.params,
+                                                                self.exp_avg_sqs or self.params,
+                                                                self.fishers or self.params,
+                                                                self.anchors or self.params)]
+            self.triton_tables = None
+        return self.pointer_rows
 
     @property
     def has_ewc(self) -> bool:
@@ -219,14 +248,8 @@ def group_tensors(params: Sequence[Tensor], exp_avgs: Sequence[Tensor] | None,
         use_ewc = f is not None and ewc_lambda != 0
         key = (p.dtype, f.dtype if use_ewc else None, a.dtype if use_ewc else None)
         g = groups.setdefault(key, TensorGroup([], [], [], [], [], []))
-        g.indices.append(i)
-        g.params.append(p)
-        if exp_avgs is not None:
-            g.exp_avgs.append(exp_avgs[i])
-            g.exp_avg_sqs.append(exp_avg_sqs[i])
-        if use_ewc:
-            g.fishers.append(f)
-            g.anchors.append(a)
+        g.add(i, p, exp_avgs[i] if exp_avgs is not None else None,
+              exp_avg_sqs[i] if exp_avg_sqs is not None else None, f if use_ewc else None, a if use_ewc else None)
     if len({grp.params[0].device for grp in groups.values()}) > 1:
         raise ValueError("ewc_adamw: all parameters must be on one device (build one optimizer per device)")
     return list(groups.values())
@@ -409,9 +432,9 @@ def _scale_value(grad_scale) -> float:
 def _step_cpp(mod, g: TensorGroup, grads: list[Tensor], c: _Coeffs, grad_scale,
               clip_total: bool) -> tuple[Tensor, Tensor]:
     s = _scale_value(grad_scale)
+    p, m, v, f, a = g.pointers()
     pen, sq = mod.ewc_adamw_step(
-        [p.numel() for p in g.params], _ptrs(g.params), _ptrs(grads), _ptrs(g.exp_avgs), _ptrs(g.exp_avg_sqs),
-        _ptrs(g.fishers), _ptrs(g.anchors), _dtype_name(g.params[0]),
+        g.sizes, p, _ptrs(grads), m, v, f if g.has_ewc else [], a if g.has_ewc else [], _dtype_name(g.params[0]),
         _dtype_name(g.fishers[0] if g.has_ewc else None), _dtype_name(g.anchors[0] if g.has_ewc else None),
         c.ewc_lambda, c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, c.bias_correction1, c.bias_correction2,
         1.0 if clip_total else s, s if clip_total else 1.0)
@@ -419,10 +442,11 @@ def _step_cpp(mod, g: TensorGroup, grads: list[Tensor], c: _Coeffs, grad_scale,
 
 
 def _norms_cpp(mod, g: TensorGroup, grads: list[Tensor], ewc_lambda: float) -> tuple[Tensor, Tensor]:
+    p, _, _, f, a = g.pointers()
     grad_sq, total_sq = mod.ewc_grad_sq_norms(
-        [p.numel() for p in g.params], _ptrs(g.params), _ptrs(grads), _ptrs(g.fishers), _ptrs(g.anchors),
-        _dtype_name(g.params[0]), _dtype_name(g.fishers[0] if g.has_ewc else None),
-        _dtype_name(g.anchors[0] if g.has_ewc else None), ewc_lambda)
+        g.sizes, p, _ptrs(grads), f if g.has_ewc else [], a if g.has_ewc else [], _dtype_name(g.params[0]),
+        _dtype_name(g.fishers[0] if g.has_ewc else None), _dtype_name(g.anchors[0] if g.has_ewc else None),
+        ewc_lambda)
     if not g.has_ewc:
         total_sq = grad_sq
     return torch.tensor(grad_sq, dtype=torch.float64), torch.tensor(total_sq, dtype=torch.float64)
@@ -557,7 +581,7 @@ if triton is not None:
 class _TritonTables:
     """Launch tables of one TensorGroup (on the device), valid while its tensors keep their data pointers."""
 
-    key: tuple  # the pointers and sizes they were built from
+    block: int
     ptrs: Tensor  # int64 [5, T]: p, m, v, F, anchor (placeholders: p's pointers where a stream is absent)
     sizes: Tensor  # int64 [T]
     full_blocks: Tensor  # int64 [2, Bf]
@@ -578,17 +602,14 @@ def _block_maps(sizes: list[int], block: int) -> tuple[list[list[int]], list[lis
 
 
 def _triton_tables(g: TensorGroup, block: int) -> _TritonTables:
-    """g's tables, rebuilt only when a pointer changed (reading the pointers each step keeps that safe)."""
-    rows = [_ptrs(s) for s in (g.params, g.exp_avgs or g.params, g.exp_avg_sqs or g.params,
-                               g.fishers or g.params, g.anchors or g.params)]
-    key = (block, *(tuple(r) for r in rows))
+    """g's launch tables, rebuilt when a parameter moved or the block size changed."""
+    rows = g.pointers()  # resets g.triton_tables when a pointer changed
     tables = g.triton_tables
-    if tables is None or tables.key != key:
+    if tables is None or tables.block != block:
         device = g.params[0].device
-        sizes = [p.numel() for p in g.params]
-        full, tail = _block_maps(sizes, block)
+        full, tail = _block_maps(g.sizes, block)
         to_dev = lambda rows: torch.tensor(rows, dtype=torch.int64).to(device)  # noqa: E731
-        tables = _TritonTables(key=key, ptrs=to_dev(rows), sizes=to_dev(sizes), full_blocks=to_dev(full),
+        tables = _TritonTables(block=block, ptrs=to_dev(rows), sizes=to_dev(g.sizes), full_blocks=to_dev(full),
                                tail_blocks=to_dev(tail), aligned=all(x % 16 == 0 for r in rows for x in r))
         g.triton_tables = tables
     return tables

@@ -257,3 +257,38 @@ def test_triton_kernel_in_cpu_interpreter():
     tail = result.stdout[-6000:] + result.stderr[-3000:]
     assert result.returncode == 0, tail
     assert " passed" in result.stdout and " failed" not in result.stdout, tail
+
+
+def _compile_for_hopper(kernel, constexprs: dict):
+    """Compile a kernel for sm_90 to PTX without a GPU (Triton's own LLVM and ptxas)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    pointers = {"ptrs": "*i64", "grad_ptrs": "*i64", "blocks": "*i64", "sizes": "*i64", "partials": "*fp32",
+                "grad_scale": "*fp32"}
+    ints = {"num_tensors", "num_blocks"}
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i64" if name in ints else "fp32")
+                 for name in kernel.arg_names}
+    compiled = K.triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
+                                target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    return compiled.asm["ptx"]
+
+
+@pytest.mark.skipif(K.triton is None, reason="triton is not installed")
+def test_triton_kernels_compile_for_hopper_with_128_bit_accesses():
+    """The GPU build of the kernels, checked on any machine: full aligned blocks use 128-bit loads and stores."""
+    if K.triton_interpreted():
+        pytest.skip("kernels are interpreted in this process")
+    pytest.importorskip("triton.backends.nvidia")
+    full = dict(HAS_EWC=True, F_BF16=True, A_BF16=False, HAS_SCALE=True, CLIP_TOTAL=True, LERP_SMALL=True,
+                MASKED=False, ALIGNED=True, BLOCK=K.DEFAULT_BLOCK)
+    ptx = _compile_for_hopper(K._ewc_adamw_kernel, full)
+    # 8 float32 elements per thread: 2 x v4 for each of p, g, m, v, anchor; 1 x v4 for the bfloat16 F
+    assert ptx.count("ld.global.v4.b32") == 11, ptx.count("ld.global.v4.b32")
+    assert ptx.count("st.global.v4.b32") == 6  # p, m, v
+    assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx
+    ptx = _compile_for_hopper(K._ewc_adamw_kernel, full | dict(MASKED=True, HAS_EWC=False, HAS_SCALE=False))
+    assert "ld.global" in ptx
+    ptx = _compile_for_hopper(K._ewc_grad_norms_kernel, dict(HAS_EWC=True, F_BF16=False, A_BF16=True,
+                                                            MASKED=False, ALIGNED=True, BLOCK=K.DEFAULT_BLOCK))
+    assert ptx.count("ld.global.v4.b32") == 7  # 2 x p, g, F (float32), 1 x anchor (bfloat16)

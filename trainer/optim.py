@@ -139,6 +139,7 @@ class _Part:
     reduce_key: object
     dtype: torch.dtype
     indices: list[int]  # positions in _Plan.plist
+    full: bool  # indices cover the whole plist in order (no gradient list to pick)
     groups: list  # K.TensorGroup, for the step and the "total" norm pass
     grad_groups: list  # K.TensorGroup without F and anchor, for the "task" norm pass (reads g only)
     locals: dict  # params, exp_avgs, exp_avg_sqs, fishers, anchors: local tensors in `indices` order
@@ -150,6 +151,7 @@ class _Plan:
     plist: list[Tensor]  # the group's parameters that have gradients, in group order
     steps: Tensor  # float32 [len(plist)], CPU: state[p]["step"] are views of it
     parts: list[_Part]
+    dtensor: bool  # some parameter is a DTensor (gradients need .to_local())
 
 
 
@@ -311,8 +313,9 @@ class EWCAdamW(torch.optim.Optimizer):
                 fishers=[f for f, _ in ewc], anchors=[a for _, a in ewc])
             groups = K.group_tensors(**locals_, ewc_lambda=self._ewc_lambda, check=False)
             grad_groups = K.group_tensors(locals_["params"], None, None, None, None, ewc_lambda=0.0, check=False)
-            built.append(_Part(reduce_key, dtype, idx, groups, grad_groups, locals_))
-        plan = _Plan(key, plist, steps, built)
+            built.append(_Part(reduce_key, dtype, idx, idx == list(range(len(plist))), groups, grad_groups,
+                               locals_))
+        plan = _Plan(key, list(plist), steps, built, any(_is_dtensor(p) for p in plist))
         self._plans[group_index] = plan
         return plan
 
@@ -359,11 +362,30 @@ class EWCAdamW(torch.optim.Optimizer):
             self._invalidate()
 
     def _plans_with_grads(self):
-        """(group, plan, local grads of plan.plist) for every param group with gradients."""
+        """(group, plan, local grads of plan.plist) for every param group with gradients.
+
+        Per step this touches each parameter a few times only (its grad, the grad's local shard, contiguity):
+        shapes, dtypes and devices of gradients are guaranteed by torch's .grad setter, the rest was validated
+        when the plan was built.
+        """
         for gi, group in enumerate(self.param_groups):
-            plist = [p for p in group["params"] if p.grad is not None]
-            if plist:
-                yield group, self._plan(gi, plist), [_local(p.grad) for p in plist]
+            params = group["params"]
+            grads = [p.grad for p in params]
+            if any(g is None for g in grads):
+                plist = [p for p, g in zip(params, grads) if g is not None]
+                grads = [g for g in grads if g is not None]
+                if not plist:
+                    continue
+            else:
+                plist = params
+            plan = self._plan(gi, plist)
+            if plan.dtensor:
+                grads = [g.to_local() if _is_dtensor(g) else g for g in grads]
+            if not all(g.is_contiguous() for g in grads):
+                j = next(j for j, g in enumerate(grads) if not g.is_contiguous())
+                raise UserError(f"the gradient of parameter {j} of param group {gi} ({_tensor_summary(plist[j])}) is "
+                                f"not contiguous; the fused step reads raw memory")
+            yield group, plan, grads
 
     # --- clipping --------------------------------------------------------------------------------------------
 
@@ -387,10 +409,10 @@ class EWCAdamW(torch.optim.Optimizer):
         by_key: dict[object, list[Tensor]] = {}
         for _, plan, grads in self._plans_with_grads():
             for part in plan.parts:
-                part_grads = [grads[j] for j in part.indices]
+                part_grads = grads if part.full else [grads[j] for j in part.indices]
                 groups = part.groups if use_ewc else part.grad_groups
                 gsq, tsq = K.grad_sq_norms_groups(groups, part_grads, ewc_lambda=self._ewc_lambda,
-                                                  backend=self._backend_for(part.dtype))
+                                                  backend=self._backend_for(part.dtype), check_grads=False)
                 acc = by_key.setdefault(part.reduce_key, [])
                 acc += [gsq, tsq]
         grad_sq = total_sq = None
@@ -422,18 +444,20 @@ class EWCAdamW(torch.optim.Optimizer):
         for group, plan, grads in self._plans_with_grads():
             plan.steps.add_(1.0)
             step_values = plan.steps.tolist()
+            uniform = step_values.count(step_values[0]) == len(step_values)
             hyper = dict(ewc_lambda=self._ewc_lambda, lr=float(group["lr"]), betas=group["betas"], eps=group["eps"],
-                         weight_decay=group["weight_decay"], grad_scale=scale, clip_mode=mode)
+                         weight_decay=group["weight_decay"], grad_scale=scale, clip_mode=mode, check_grads=False)
             for part in plan.parts:
-                part_grads = [grads[j] for j in part.indices]
-                steps = {step_values[j] for j in part.indices}
+                part_grads = grads if part.full else [grads[j] for j in part.indices]
                 backend = self._backend_for(part.dtype)
-                if len(steps) == 1:
-                    pen, sq = K.step_groups(part.groups, part_grads, step=int(steps.pop()), backend=backend, **hyper)
+                if uniform:
+                    pen, sq = K.step_groups(part.groups, part_grads, step=int(step_values[0]), backend=backend,
+                                            **hyper)
                 else:  # parameters that missed steps (no grad at times): one call per step count
                     pen = sq = 0
-                    for value in sorted(steps):
-                        sel = [i for i, j in enumerate(part.indices) if step_values[j] == value]
+                    values = [step_values[j] for j in part.indices]
+                    for value in sorted(set(values)):
+                        sel = [i for i, v in enumerate(values) if v == value]
                         pick = lambda lst: [lst[i] for i in sel]  # noqa: E731
                         groups = K.group_tensors(*(pick(part.locals[k]) for k in
                                                    ("params", "exp_avgs", "exp_avg_sqs", "fishers", "anchors")),
