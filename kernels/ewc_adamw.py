@@ -25,14 +25,16 @@ Bytes each variant must move per element (p, g, m, v float32; the floor a memory
 Backends (all take lists of tensors and do one call, or a small fixed number, per dtype group):
     "triton"  CUDA. One launch over every full block of all tensors of a dtype group and one over the tensors'
               last partial blocks, from a table of data pointers (int64) and a block -> (tensor, offset) map,
-              both cached while the pointers stay (FSDP2 keeps local shards at stable addresses). Unmasked
+              both cached while the pointers stay (FSDP2 keeps local shards at stable addresses); the gradients'
+              pointers go in a separate small table uploaded every step (FSDP2 makes new gradients). Unmasked
               full blocks keep 128-bit vector accesses: the tensor sizes are not known to the compiler, so one
               masked path for everything would fall back to scalar accesses. The penalty and the norm are
               reduced per program into a small buffer, summed afterwards (deterministic, no atomics, no host
               synchronisation). Step count, lr, betas, eps, weight decay and lambda are runtime arguments:
               a new step never recompiles. Runs on CPU tensors in Triton's interpreter when the process was
-              started with TRITON_INTERPRET=1 (tests); the interpreter runs the same kernel source, except that
-              `tl.multiple_of` alignment hints are no-ops there.
+              started with TRITON_INTERPRET=1 (tests): the same kernel source and pointer tables, but nothing is
+              compiled and the `tl.multiple_of` alignment hints are no-ops; the GPU build (128-bit accesses) is
+              checked by compiling for sm_90 without a GPU (tests/test_ewc_adamw.py).
     "cpp"     CPU. csrc/ewc_adamw.cpp, built on first use with torch.utils.cpp_extension and cached: OpenMP
               threads over chunks of the concatenated index space, a SIMD inner loop. Also float64.
     "torch"   Any device: torch._foreach_* ops (several passes over memory); the fallback and the float64 path.
@@ -45,7 +47,6 @@ float64 parameters), the shape of their parameter. A parameter without EWC state
 from __future__ import annotations
 
 import math
-import os
 import platform
 import threading
 import warnings

@@ -211,7 +211,8 @@ def test_set_ewc_state_rejects_bad_tensors():
     good_a = [p.detach().clone() for p in params]
     with pytest.raises(UserError, match="fisher and 6 anchor tensors for 6 parameters"):
         opt.set_ewc_state(good_f[:-1], good_a)
-    with pytest.raises(UserError, match=r"parameter 2: fisher has shape \(13, 5\), the parameter's local shard \(5, 13\)"):
+    with pytest.raises(UserError, match=r"parameter 2: fisher has shape \(13, 5\), the parameter's local shard "
+                                        r"\(5, 13\)"):
         opt.set_ewc_state(good_f[:2] + [good_f[2].t().contiguous()] + good_f[3:], good_a)
     with pytest.raises(UserError, match="parameter 0: anchor is float16"):
         opt.set_ewc_state(good_f, [good_a[0].half()] + good_a[1:])

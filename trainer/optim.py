@@ -154,7 +154,6 @@ class _Plan:
     dtensor: bool  # some parameter is a DTensor (gradients need .to_local())
 
 
-
 class EWCAdamW(torch.optim.Optimizer):
     """torch.optim.AdamW plus the EWC gradient ewc_lambda * F * (p - anchor), fused into one pass per dtype group.
 
