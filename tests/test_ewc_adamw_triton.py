@@ -19,34 +19,40 @@ INTERPRETED = K.triton_interpreted()
 pytestmark = pytest.mark.skipif(
     K.triton is None or not (INTERPRETED or torch.cuda.is_available()),
     reason="needs CUDA, or TRITON_INTERPRET=1 from process start (test_ewc_adamw.py runs this file so)")
-DEVICE = "cpu" if INTERPRETED else "cuda"
+# Every test takes `device`: "cuda" marked gpu (selected by -m gpu on a GPU machine), or the interpreter's "cpu".
+DEVICES = [pytest.param("cpu", id="interpreter")] if INTERPRETED else [pytest.param("cuda", marks=pytest.mark.gpu,
+                                                                                     id="cuda")]
 BLOCK = 64 if INTERPRETED else K.DEFAULT_BLOCK
 # The interpreter runs each program in numpy: keep it small. On the GPU add tensors spanning many blocks.
 CASE_SIZES = SIZES if INTERPRETED else SIZES + BIG + [(1000, 4099)]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fisher_dtype,anchor_dtype", EWC_DTYPE_PAIRS)
 @pytest.mark.parametrize("clip_mode", ["task", "total"])
-def test_triton_matches_reference(seed, fisher_dtype, anchor_dtype, clip_mode):
-    check_backend_matches_reference("triton", CASE_SIZES, fisher_dtype, anchor_dtype, clip_mode, device=DEVICE,
+def test_triton_matches_reference(seed, device, fisher_dtype, anchor_dtype, clip_mode):
+    check_backend_matches_reference("triton", CASE_SIZES, fisher_dtype, anchor_dtype, clip_mode, device=device,
                                     block=BLOCK)
 
 
-def test_triton_without_scale_and_without_ewc(seed):
-    check_backend_matches_reference("triton", CASE_SIZES, torch.float32, torch.bfloat16, "task", device=DEVICE,
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_without_scale_and_without_ewc(seed, device):
+    check_backend_matches_reference("triton", CASE_SIZES, torch.float32, torch.bfloat16, "task", device=device,
                                     block=BLOCK, with_scale=False)
-    check_backend_matches_reference("triton", CASE_SIZES, torch.float32, torch.float32, "task", device=DEVICE,
+    check_backend_matches_reference("triton", CASE_SIZES, torch.float32, torch.float32, "task", device=device,
                                     block=BLOCK, ewc_lambda=0.0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fisher_dtype,anchor_dtype", EWC_DTYPE_PAIRS[:2])
-def test_triton_norms_match_reference(seed, fisher_dtype, anchor_dtype):
-    check_norms_match_reference("triton", CASE_SIZES, fisher_dtype, anchor_dtype, device=DEVICE, block=BLOCK)
+def test_triton_norms_match_reference(seed, device, fisher_dtype, anchor_dtype):
+    check_norms_match_reference("triton", CASE_SIZES, fisher_dtype, anchor_dtype, device=device, block=BLOCK)
 
 
-def test_triton_misaligned_views(seed):
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_misaligned_views(seed, device):
     """Pointers not 16-byte aligned (views at odd offsets) take the unhinted path and stay correct."""
-    base = [torch.randn(s + 1, device=DEVICE) for s in (70, 130)]
+    base = [torch.randn(s + 1, device=device) for s in (70, 130)]
     params = [b[1:] for b in base]  # offset 4 bytes: contiguous, not 16-byte aligned
     grads = [[torch.randn_like(p) for p in params] for _ in range(2)]
     fishers = [torch.rand_like(p) for p in params]
