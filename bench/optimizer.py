@@ -190,7 +190,7 @@ def time_interleaved(fns: dict, *, device, warmup: int, repeat: int, min_time_s:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu or cuda (default cpu)")
     parser.add_argument("--sizes", default="1M,8M,64M",
                         help="total parameter elements of each set, comma-separated (default 1M,8M,64M)")
     parser.add_argument("--ewc-dtypes", default="float32,bfloat16", help="F/anchor dtypes (default both)")
@@ -209,8 +209,6 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device must be cpu or cuda, got {args.device!r}")
     torch.set_num_threads(max(1, args.threads))
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
