@@ -3,8 +3,7 @@
 // The same math as kernels/ewc_adamw.py (ewc_adamw_ref is the definition), per element:
 //   d  = p - anchor;  e = lambda * F * d                       (EWC gradient, at the pre-step p)
 //   g' = (g * grad_mul + e) * total_mul                        (clip "task": grad_mul = s, total_mul = 1;
-//                                                               clip "total": grad_mul = 1, total_mul = s;
-//                                                               g + lambda * (F d) is one FMA)
+//                                                               clip "total": grad_mul = 1, total_mul = s)
 //   m  = lerp(m, g', 1 - beta1);  v = v * beta2 + (1 - beta2) * g' * g'
 //   p  = p * (1 - lr * wd) - (lr / bc1) * m / (sqrt(v) * (1 / sqrt(bc2)) + eps)
 // (torch divides sqrt(v) by sqrt(bc2); multiplying by the reciprocal differs by at most an ulp in the denominator
@@ -22,6 +21,10 @@
 // penalty is bitwise identical for any thread count.
 //
 // Element types: p/g/m/v float32 with F and anchor each float32 or bfloat16; or everything float64 (tests).
+// Built with -ffp-contract=off: g' must be rounded exactly as the reference rounds it (see _FP_FUSION in
+// kernels/ewc_adamw.py: where g * s and e nearly cancel, AdamW's normalisation turns an ulp of g' into a visible
+// step difference), so no product may be fused into an add.
+//
 // The caller (kernels/ewc_adamw.py) checks devices, dtypes, shapes and contiguity, and passes data pointers: the
 // module includes no torch header (pybind11 only), which keeps the first-use build to seconds.
 
@@ -92,7 +95,7 @@ inline void step_chunk_impl(T* __restrict p, const T* __restrict g, T* __restric
       const T fd = to_compute(f[i]) * d;
       pen += fd * d;
       fd_sq += fd * fd;  // sum(e^2) = lambda^2 * sum((F d)^2), scaled once at the end
-      gi = gi + lam * fd;
+      gi = gi + lam * fd;  // e = lambda * (F d), then g + e: two roundings, as the reference
     }
     if constexpr (HAS_SCALE) {
       gi = gi * tm;

@@ -404,7 +404,9 @@ def cpp_extension():
             _CPP_MODULE = ext.load(
                 name=f"gemma_ewc_cpu_{tag}",
                 sources=[str(SOURCE_DIR / "ewc_adamw.cpp")],
-                extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", *simd],
+                # -ffp-contract=off: no fused multiply-adds, every product rounded as torch rounds it (see
+                # _FP_FUSION below); -fno-math-errno lets sqrt vectorize.
+                extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", *simd],
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
             )
@@ -629,6 +631,13 @@ def _check_triton(device: torch.device) -> None:
                          f"process with TRITON_INTERPRET=1 to run it in Triton's CPU interpreter (tests only)")
 
 
+# Fused multiply-adds are off in both compiled kernels. AdamW divides each gradient element by its own running
+# magnitude, so where g * s and the EWC term e nearly cancel, g' = g * s + e is ill-conditioned: an FMA (one rounding
+# instead of two) changes g' by an ulp of e, and the step of that element by up to lr once |g'| approaches eps.
+# Rounded like the reference, g' is bit-identical and the kernels stay within the 1e-6 tolerance for any input.
+_FP_FUSION = False
+
+
 def _check_device(backend: str, device: torch.device) -> None:
     if backend == "triton":
         _check_triton(device)
@@ -645,14 +654,14 @@ def _launch_both(kernel, tables: _TritonTables, grads: list[Tensor], partials: T
     nfull = tables.full_blocks.shape[1]
     ntail = tables.tail_blocks.shape[1]
     T = tables.ptrs.shape[1]
-    num_warps = 8 if block >= 2048 else 4
+    options = dict(num_warps=8 if block >= 2048 else 4, enable_fp_fusion=_FP_FUSION)
     if nfull:
         kernel[(nfull,)](tables.ptrs, grad_ptrs, T, tables.full_blocks, nfull, tables.sizes, partials, *args,
-                         MASKED=False, ALIGNED=aligned, BLOCK=block, num_warps=num_warps, **constexprs)
+                         MASKED=False, ALIGNED=aligned, BLOCK=block, **options, **constexprs)
     if ntail:
         tail_partials = partials[nfull:] if partials.shape[0] > 1 else partials  # [1, 2]: unused placeholder
         kernel[(ntail,)](tables.ptrs, grad_ptrs, T, tables.tail_blocks, ntail, tables.sizes, tail_partials, *args,
-                         MASKED=True, ALIGNED=aligned, BLOCK=block, num_warps=num_warps, **constexprs)
+                         MASKED=True, ALIGNED=aligned, BLOCK=block, **options, **constexprs)
 
 
 def _step_triton(g: TensorGroup, grads: list[Tensor], c: _Coeffs, grad_scale, clip_total: bool,

@@ -270,7 +270,8 @@ def _compile_for_hopper(kernel, constexprs: dict):
     signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i64" if name in ints else "fp32")
                  for name in kernel.arg_names}
     compiled = K.triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
-                                target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+                                target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": 8, "enable_fp_fusion": K._FP_FUSION})
     return compiled.asm["ptx"]
 
 
