@@ -49,6 +49,17 @@ constexpr int64_t kChunk = 1 << 14;  // 64 KiB of float32 per stream: long enoug
 
 using bf16_bits = uint16_t;
 
+// Explicit fused multiply-add where rounding does not matter (reductions) or where torch fuses too (its
+// vectorized lerp is an fmadd): -ffp-contract=off keeps every other product rounded on its own.
+template <typename T>
+inline T fmadd(T a, T b, T c) {
+#ifdef __FMA__
+  return std::fma(a, b, c);
+#else
+  return a * b + c;  // no FMA unit: std::fma would be a library call
+#endif
+}
+
 inline float to_compute(float x) { return x; }
 inline double to_compute(double x) { return x; }
 inline float to_compute(bf16_bits x) {
@@ -93,8 +104,8 @@ inline void step_chunk_impl(T* __restrict p, const T* __restrict g, T* __restric
     if constexpr (HAS_EWC) {
       const T d = pi - to_compute(a[i]);
       const T fd = to_compute(f[i]) * d;
-      pen += fd * d;
-      fd_sq += fd * fd;  // sum(e^2) = lambda^2 * sum((F d)^2), scaled once at the end
+      pen = fmadd(fd, d, pen);
+      fd_sq = fmadd(fd, fd, fd_sq);  // sum(e^2) = lambda^2 * sum((F d)^2), scaled once at the end
       gi = gi + lam * fd;  // e = lambda * (F d), then g + e: two roundings, as the reference
     }
     if constexpr (HAS_SCALE) {
@@ -102,10 +113,10 @@ inline void step_chunk_impl(T* __restrict p, const T* __restrict g, T* __restric
     }
     const T mi = m[i];
     T mn;
-    if constexpr (LERP_SMALL) {
-      mn = mi + w * (gi - mi);
-    } else {
-      mn = gi - (gi - mi) * (T(1) - w);
+    if constexpr (LERP_SMALL) {  // torch's lerp_vec: fmadd(weight, end - self, self)
+      mn = fmadd(w, gi - mi, mi);
+    } else {  // fmadd(weight - 1, end - self, end)
+      mn = fmadd(w - T(1), gi - mi, gi);
     }
     const T vn = v[i] * b2 + omb2 * gi * gi;
     const T denom = std::sqrt(vn) * ibc2s + eps;
