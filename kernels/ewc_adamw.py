@@ -93,7 +93,6 @@ def ewc_adamw_ref(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: S
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     for p, g, m, v, f, a in zip(params, grads, exp_avgs, exp_avg_sqs, fishers, anchors):
-        g = g.clone()
         if ewc_lambda != 0 and f is not None:
             d = p - a.to(p.dtype)
             fd = f.to(p.dtype) * d
