@@ -157,7 +157,7 @@ def time_interleaved(fns: dict, *, device, warmup: int, repeat: int, min_time_s:
     device = torch.device(device)
     wall_once = {}
     for name, fn in fns.items():
-        for _ in range(warmup):
+        for _ in range(max(1, warmup)):  # at least one: compiles kernels and measures the host time of a call
             t0 = time.perf_counter()
             fn()
             synchronize(device)
