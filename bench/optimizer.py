@@ -276,7 +276,7 @@ def summarize_targets(rows: list[dict], device: torch.device, backend: str) -> d
     for r in rows:
         if not r["variant"].startswith("(d) "):
             continue
-        tag = f"{r['elements'] / 2**20:.0f}M {r['ewc_dtype']}"
+        tag = f"{r['elements'] / 2**20:.3g}M {r['ewc_dtype']}"
         if device.type == "cpu":
             limit = TARGETS_CPU[r["ewc_dtype"]]
             good = r["x_vs_a"] <= limit
