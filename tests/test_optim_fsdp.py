@@ -43,6 +43,7 @@ def _sharded_vs_single(rank, world_size, seed, dtype, ewc_dtype):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    from kernels import ewc_adamw as K
     from trainer.optim import EWCAdamW
 
     torch.manual_seed(seed)  # identical model, EWC state and data on both ranks
@@ -89,6 +90,7 @@ def _sharded_vs_single(rank, world_size, seed, dtype, ewc_dtype):
         "ewc_norm": (opt.last_ewc_grad_norm.item(), single_opt.last_ewc_grad_norm.item()),
         "norms": [(a.item(), b.item(), c.item(), d.item()) for (a, b), (c, d) in zip(norms, single_norms)],
         "backend": opt.backend,
+        "cpp_built": K.cpp_extension() is not None,
         "local_shapes": local_shapes,
         "step": opt.state[next(iter(sharded.parameters()))]["step"].item(),
     }
@@ -104,7 +106,7 @@ def test_fsdp2_two_ranks_equal_single_process(seed):
     results = run_distributed(_both_precisions, world_size=2, args=(seed,))
     for rank, per_precision in enumerate(results):
         for r, (rtol, atol) in zip(per_precision, ((1e-12, 1e-14), (1e-5, 1e-6))):
-            assert r["backend"] == "cpp" and r["step"] == STEPS
+            assert r["backend"] == ("cpp" if r["cpp_built"] else "torch") and r["step"] == STEPS
             # odd sizes: uneven shards, and rank 1 holds empty shards of the last layer
             assert (0, 5) in r["local_shapes"] if rank == 1 else (1, 5) in r["local_shapes"]
             for i, (a, b, c) in enumerate(zip(r["params"], r["single"], r["resumed"])):
