@@ -1,0 +1,295 @@
+"""kernels/ewc_adamw.py: every backend against ewc_adamw_ref on random inputs (the Triton kernel: see
+test_ewc_adamw_triton.py, run here in Triton's CPU interpreter in a subprocess)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import ewc_adamw as K
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Odd sizes, one element, an empty tensor, and (BIG) one spanning several 16384-element C++ chunks.
+SIZES = [(1,), (0,), (63,), (64,), (65,), (3, 41), (5, 7, 3), (129,)]
+BIG = [(40_000,)]
+EWC_DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                   (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]
+HYPER = dict(lr=3e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+
+
+def make_case(sizes, *, fisher_dtype=torch.float32, anchor_dtype=torch.float32, dtype=torch.float32,
+              device="cpu", steps=5, no_ewc_every=3):
+    """Parameters, per-step gradients, and F/anchor (None for every `no_ewc_every`-th parameter)."""
+    params = [torch.randn(s, dtype=dtype, device=device) for s in sizes]
+    grads = [[torch.randn(s, dtype=dtype, device=device) for s in sizes] for _ in range(steps)]
+    fishers, anchors = [], []
+    for i, p in enumerate(params):
+        if no_ewc_every and i % no_ewc_every == 1:
+            fishers.append(None)
+            anchors.append(None)
+        else:
+            fishers.append((torch.rand_like(p) * 2).to(fisher_dtype))
+            anchors.append((p + 0.3 * torch.randn_like(p)).to(anchor_dtype))
+    return params, grads, fishers, anchors
+
+
+def run_steps(step_fn, params, grads, fishers, anchors, *, ewc_lambda, grad_scales=None, clip_mode="task", **kw):
+    """Five (len(grads)) steps from zero moments; returns p, m, v and each step's (penalty, sum e^2)."""
+    p = [x.clone() for x in params]
+    m = [torch.zeros_like(x) for x in params]
+    v = [torch.zeros_like(x) for x in params]
+    sums = []
+    for step, g in enumerate(grads, start=1):
+        scale = None if grad_scales is None else grad_scales[step - 1]
+        sums.append(step_fn(p, g, m, v, fishers=fishers, anchors=anchors, ewc_lambda=ewc_lambda, step=step,
+                            grad_scale=scale, clip_mode=clip_mode, **HYPER, **kw))
+    return p, m, v, sums
+
+
+def assert_rel_close(actual, expected, *, rtol, what):
+    """max |a - b| <= rtol * max |b|, the maxima over all tensors of the list (the relative error of the issue).
+
+    The scale is the whole list's, not each tensor's or element's: m is a sum of terms of both signs, so an element
+    (or a one-element tensor) can be far smaller than the terms it was summed from, and a different but equally
+    exact rounding order (an FMA) then shows as a large elementwise relative error.
+    """
+    err, ref = 0.0, 0.0
+    for i, (a, b) in enumerate(zip(actual, expected, strict=True)):
+        assert a.shape == b.shape and a.dtype == b.dtype, f"{what}[{i}]: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
+        if b.numel() == 0:
+            continue
+        e = (a.double() - b.double()).abs().max().item()
+        if e > err:
+            err, worst = e, i
+        ref = max(ref, b.double().abs().max().item())
+    assert err <= rtol * ref, f"{what}: max error {err:.3g} (tensor {worst}) > {rtol} * {ref:.3g}"
+
+
+def assert_sums_close(actual, expected, *, rtol=2e-5):
+    for step, ((ap, asq), (ep, esq)) in enumerate(zip(actual, expected), start=1):
+        assert ap.dtype == torch.float64 and ap.dim() == 0
+        torch.testing.assert_close(ap.cpu(), ep.cpu(), rtol=rtol, atol=0, msg=f"penalty, step {step}")
+        torch.testing.assert_close(asq.cpu(), esq.cpu(), rtol=rtol, atol=0, msg=f"sum e^2, step {step}")
+
+
+def check_backend_matches_reference(backend, sizes, fisher_dtype, anchor_dtype, clip_mode, *, device="cpu",
+                                    with_scale=True, ewc_lambda=0.7, block=K.DEFAULT_BLOCK):
+    params, grads, fishers, anchors = make_case(sizes, fisher_dtype=fisher_dtype, anchor_dtype=anchor_dtype,
+                                                device=device)
+    scales = [torch.tensor(s, device=device) for s in (0.5, 1.0, 0.25, 0.8, 0.9)] if with_scale else None
+    ref = run_steps(K.ewc_adamw_ref, params, grads, fishers, anchors, ewc_lambda=ewc_lambda, grad_scales=scales,
+                    clip_mode=clip_mode)
+    out = run_steps(K.ewc_adamw_, params, grads, fishers, anchors, ewc_lambda=ewc_lambda, grad_scales=scales,
+                    clip_mode=clip_mode, backend=backend, block=block)
+    for name, a, b in zip("pmv", out[:3], ref[:3]):
+        assert_rel_close(a, b, rtol=1e-6, what=name)
+    assert_sums_close(out[3], ref[3])
+    assert ref[3][0][0] > 0 if ewc_lambda else ref[3][0][0] == 0
+
+
+def check_norms_match_reference(backend, sizes, fisher_dtype, anchor_dtype, *, device="cpu",
+                                block=K.DEFAULT_BLOCK):
+    params, grads, fishers, anchors = make_case(sizes, fisher_dtype=fisher_dtype, anchor_dtype=anchor_dtype,
+                                                device=device, steps=1)
+    for lam in (0.0, 1.3):
+        ref = K.ewc_grad_sq_norms_ref(params, grads[0], fishers=fishers, anchors=anchors, ewc_lambda=lam)
+        out = K.ewc_grad_sq_norms(params, grads[0], fishers=fishers, anchors=anchors, ewc_lambda=lam,
+                                  backend=backend, block=block)
+        for a, b, what in zip(out, ref, ("sum g^2", "sum (g + e)^2")):
+            torch.testing.assert_close(a.cpu(), b.cpu(), rtol=2e-5, atol=0, msg=f"{what}, lambda {lam}")
+        if lam == 0:
+            torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
+        else:
+            assert out[1].item() != out[0].item()
+
+
+# ------------------------------------------------------------------------------------------------------ tests
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("fisher_dtype,anchor_dtype", EWC_DTYPE_PAIRS)
+@pytest.mark.parametrize("clip_mode", ["task", "total"])
+def test_backend_matches_reference(seed, backend, fisher_dtype, anchor_dtype, clip_mode):
+    check_backend_matches_reference(backend, SIZES + BIG, fisher_dtype, anchor_dtype, clip_mode)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_plain_adamw_without_ewc_matches_torch_adamw(seed, backend):
+    """lambda = 0: exactly torch.optim.AdamW (its own implementation, not our reference)."""
+    params, grads, fishers, anchors = make_case(SIZES + BIG, steps=5)
+    ours = run_steps(K.ewc_adamw_, params, grads, fishers, anchors, ewc_lambda=0.0, backend=backend)
+    theirs = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = torch.optim.AdamW(theirs, **HYPER)
+    for g in grads:
+        for t, gi in zip(theirs, g):
+            t.grad = gi.clone()
+        opt.step()
+    assert_rel_close(ours[0], [t.detach() for t in theirs], rtol=1e-6, what="p")
+    assert_rel_close(ours[1], [opt.state[t]["exp_avg"] for t in theirs], rtol=1e-6, what="m")
+    assert all(pen.item() == 0 and sq.item() == 0 for pen, sq in ours[3])
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_float64(seed, backend):
+    params, grads, fishers, anchors = make_case(SIZES, dtype=torch.float64, fisher_dtype=torch.float64,
+                                                anchor_dtype=torch.float64)
+    ref = run_steps(K.ewc_adamw_ref, params, grads, fishers, anchors, ewc_lambda=0.7)
+    out = run_steps(K.ewc_adamw_, params, grads, fishers, anchors, ewc_lambda=0.7, backend=backend)
+    for name, a, b in zip("pmv", out[:3], ref[:3]):
+        assert_rel_close(a, b, rtol=1e-13, what=name)
+    assert_sums_close(out[3], ref[3], rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("fisher_dtype,anchor_dtype", EWC_DTYPE_PAIRS[:2])
+def test_norms_match_reference(seed, backend, fisher_dtype, anchor_dtype):
+    check_norms_match_reference(backend, SIZES + BIG, fisher_dtype, anchor_dtype)
+
+
+def test_bfloat16_state_is_exactly_the_upcast_float32_state(seed):
+    """bfloat16 F/anchor: the same result as float32 tensors holding the same (upcast) values, bit for bit."""
+    params, grads, fishers, anchors = make_case(SIZES + BIG, fisher_dtype=torch.bfloat16,
+                                                anchor_dtype=torch.bfloat16)
+    up_f = [None if f is None else f.float() for f in fishers]
+    up_a = [None if a is None else a.float() for a in anchors]
+    a = run_steps(K.ewc_adamw_, params, grads, fishers, anchors, ewc_lambda=0.7, backend="cpp")
+    b = run_steps(K.ewc_adamw_, params, grads, up_f, up_a, ewc_lambda=0.7, backend="cpp")
+    for x, y in zip(a[0] + a[1] + a[2], b[0] + b[1] + b[2]):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_non_contiguous_rejected(backend):
+    p = torch.randn(6, 5).t()  # a transposed view
+    g, m, v = torch.randn(5, 6), torch.zeros(5, 6), torch.zeros(5, 6)
+    with pytest.raises(ValueError, match=r"params\[0\].*not contiguous"):
+        K.ewc_adamw_([p], [g], [m], [v], lr=1e-3, step=1, backend=backend)
+    p = torch.randn(5, 6)
+    with pytest.raises(ValueError, match=r"fishers\[0\].*not contiguous"):
+        K.ewc_adamw_([p], [g], [m], [v], fishers=[torch.rand(6, 5).t()], anchors=[p.clone()], ewc_lambda=1.0,
+                     lr=1e-3, step=1, backend=backend)
+
+
+def test_bad_inputs_rejected():
+    p, g, m, v = torch.randn(4), torch.randn(4), torch.zeros(4), torch.zeros(4)
+    with pytest.raises(ValueError, match=r"grads\[0\] has shape"):
+        K.ewc_adamw_([p], [torch.randn(5)], [m], [v], lr=1e-3, step=1)
+    with pytest.raises(ValueError, match=r"fishers\[0\] is float16"):
+        K.ewc_adamw_([p], [g], [m], [v], fishers=[torch.rand(4).half()], anchors=[p.clone()], ewc_lambda=1.0,
+                     lr=1e-3, step=1)
+    with pytest.raises(ValueError, match="fisher but no anchor"):
+        K.ewc_adamw_([p], [g], [m], [v], fishers=[torch.rand(4)], anchors=[None], ewc_lambda=1.0, lr=1e-3, step=1)
+    with pytest.raises(ValueError, match="step counts from 1"):
+        K.ewc_adamw_([p], [g], [m], [v], lr=1e-3, step=0)
+    with pytest.raises(ValueError, match="clip_mode"):
+        K.ewc_adamw_([p], [g], [m], [v], lr=1e-3, step=1, clip_mode="global")
+    with pytest.raises(ValueError, match="triton"):
+        if not K.triton_interpreted():
+            K.ewc_adamw_([p], [g], [m], [v], lr=1e-3, step=1, backend="triton")
+        else:
+            raise ValueError("triton runs here (interpreter): nothing to reject")
+
+
+def test_empty_lists_and_empty_tensors():
+    pen, sq = K.ewc_adamw_([], [], [], [], lr=1e-3, step=1, backend="cpp")
+    assert pen.item() == 0 and sq.item() == 0
+    e = torch.empty(0)
+    pen, sq = K.ewc_adamw_([e], [e.clone()], [e.clone()], [e.clone()], fishers=[e.clone()], anchors=[e.clone()],
+                           ewc_lambda=1.0, lr=1e-3, step=1, backend="cpp")
+    assert pen.item() == 0 and sq.item() == 0
+
+
+def test_missing_compiler_falls_back_to_torch_with_one_warning(seed, monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: c++: command not found")
+
+    monkeypatch.setattr(K, "_CPP_MODULE", None)
+    monkeypatch.setattr(K, "_CPP_FAILED", None)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    params, grads, fishers, anchors = make_case(SIZES, steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = run_steps(K.ewc_adamw_, params, grads, fishers, anchors, ewc_lambda=0.5, backend="cpp")
+        assert K.resolve_backend("auto", "cpu") == "torch"
+    ref = run_steps(K.ewc_adamw_ref, params, grads, fishers, anchors, ewc_lambda=0.5)
+    relevant = [w for w in caught if "could not be built" in str(w.message)]
+    assert len(relevant) == 1, [str(w.message) for w in caught]
+    assert "command not found" in str(relevant[0].message)
+    for name, a, b in zip("pmv", out[:3], ref[:3]):
+        assert_rel_close(a, b, rtol=1e-6, what=name)
+
+
+def test_cpp_result_does_not_depend_on_thread_count(seed):
+    params, grads, fishers, anchors = make_case(BIG + SIZES + BIG, steps=2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_steps(K.ewc_adamw_, params, grads, fishers, anchors, ewc_lambda=0.5, backend="cpp")
+    finally:
+        torch.set_num_threads(threads)
+    many = run_steps(K.ewc_adamw_, params, grads, fishers, anchors, ewc_lambda=0.5, backend="cpp")
+    for x, y in zip(one[0] + one[1] + one[2], many[0] + many[1] + many[2]):
+        assert torch.equal(x, y)
+    for (p1, s1), (p2, s2) in zip(one[3], many[3]):
+        assert p1.item() == p2.item() and s1.item() == s2.item()
+
+
+@pytest.mark.skipif(K.triton is None, reason="triton is not installed")
+def test_triton_kernel_in_cpu_interpreter():
+    """Runs test_ewc_adamw_triton.py with TRITON_INTERPRET=1: the interpreter must be chosen before triton is
+    first imported, so it needs its own process."""
+    if K.triton_interpreted():
+        pytest.skip("this process already runs the Triton tests in the interpreter")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+         str(REPO_ROOT / "tests" / "test_ewc_adamw_triton.py")],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    tail = result.stdout[-6000:] + result.stderr[-3000:]
+    assert result.returncode == 0, tail
+    assert " passed" in result.stdout and " failed" not in result.stdout, tail
+
+
+def _compile_for_hopper(kernel, constexprs: dict):
+    """Compile a kernel for sm_90 to PTX without a GPU (Triton's own LLVM and ptxas)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    pointers = {"ptrs": "*i64", "grad_ptrs": "*i64", "blocks": "*i64", "sizes": "*i64", "partials": "*fp32",
+                "grad_scale": "*fp32"}
+    ints = {"num_tensors", "num_blocks"}
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i64" if name in ints else "fp32")
+                 for name in kernel.arg_names}
+    compiled = K.triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
+                                target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": 8, "enable_fp_fusion": K._FP_FUSION})
+    return compiled.asm["ptx"]
+
+
+@pytest.mark.skipif(K.triton is None, reason="triton is not installed")
+def test_triton_kernels_compile_for_hopper_with_128_bit_accesses():
+    """The GPU build of the kernels, checked on any machine: full aligned blocks use 128-bit loads and stores."""
+    if K.triton_interpreted():
+        pytest.skip("kernels are interpreted in this process")
+    pytest.importorskip("triton.backends.nvidia")
+    full = dict(HAS_EWC=True, F_BF16=True, A_BF16=False, HAS_SCALE=True, CLIP_TOTAL=True, LERP_SMALL=True,
+                MASKED=False, ALIGNED=True, BLOCK=K.DEFAULT_BLOCK)
+    ptx = _compile_for_hopper(K._ewc_adamw_kernel, full)
+    # 8 float32 elements per thread: 2 x v4 for each of p, g, m, v, anchor; 1 x v4 for the bfloat16 F
+    assert ptx.count("ld.global.v4.b32") == 11, ptx.count("ld.global.v4.b32")
+    assert ptx.count("st.global.v4.b32") == 6  # p, m, v
+    assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx
+    ptx = _compile_for_hopper(K._ewc_adamw_kernel, full | dict(MASKED=True, HAS_EWC=False, HAS_SCALE=False))
+    assert "ld.global" in ptx
+    ptx = _compile_for_hopper(K._ewc_grad_norms_kernel, dict(HAS_EWC=True, F_BF16=False, A_BF16=True,
+                                                            MASKED=False, ALIGNED=True, BLOCK=K.DEFAULT_BLOCK))
+    assert ptx.count("ld.global.v4.b32") == 7  # 2 x p, g, F (float32), 1 x anchor (bfloat16)

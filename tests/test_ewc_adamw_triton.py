@@ -1,0 +1,83 @@
+"""The Triton kernels of kernels/ewc_adamw.py against ewc_adamw_ref.
+
+On CUDA they run compiled (GPU tests below are marked `gpu`). Without CUDA they run in Triton's CPU interpreter,
+which has to be chosen before triton is first imported: test_ewc_adamw.py runs this file in a subprocess with
+TRITON_INTERPRET=1, and without either the file skips itself. The interpreter runs the same kernel source with
+small blocks (64 elements) so the full-block and tail-block launches both see several tensors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import ewc_adamw as K
+from tests.test_ewc_adamw import (BIG, EWC_DTYPE_PAIRS, SIZES, check_backend_matches_reference,
+                                  check_norms_match_reference, make_case, run_steps)
+
+INTERPRETED = K.triton_interpreted()
+pytestmark = pytest.mark.skipif(
+    K.triton is None or not (INTERPRETED or torch.cuda.is_available()),
+    reason="needs CUDA, or TRITON_INTERPRET=1 from process start (test_ewc_adamw.py runs this file so)")
+# Every test takes `device`: "cuda" marked gpu (selected by -m gpu on a GPU machine), or the interpreter's "cpu".
+DEVICES = [pytest.param("cpu", id="interpreter")] if INTERPRETED else [pytest.param("cuda", marks=pytest.mark.gpu,
+                                                                                     id="cuda")]
+BLOCK = 64 if INTERPRETED else K.DEFAULT_BLOCK
+# The interpreter runs each program in numpy: keep it small. On the GPU add tensors spanning many blocks.
+CASE_SIZES = SIZES if INTERPRETED else SIZES + BIG + [(1000, 4099)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fisher_dtype,anchor_dtype", EWC_DTYPE_PAIRS)
+@pytest.mark.parametrize("clip_mode", ["task", "total"])
+def test_triton_matches_reference(seed, device, fisher_dtype, anchor_dtype, clip_mode):
+    check_backend_matches_reference("triton", CASE_SIZES, fisher_dtype, anchor_dtype, clip_mode, device=device,
+                                    block=BLOCK)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_without_scale_and_without_ewc(seed, device):
+    check_backend_matches_reference("triton", CASE_SIZES, torch.float32, torch.bfloat16, "task", device=device,
+                                    block=BLOCK, with_scale=False)
+    check_backend_matches_reference("triton", CASE_SIZES, torch.float32, torch.float32, "task", device=device,
+                                    block=BLOCK, ewc_lambda=0.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fisher_dtype,anchor_dtype", EWC_DTYPE_PAIRS[:2])
+def test_triton_norms_match_reference(seed, device, fisher_dtype, anchor_dtype):
+    check_norms_match_reference("triton", CASE_SIZES, fisher_dtype, anchor_dtype, device=device, block=BLOCK)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_misaligned_views(seed, device):
+    """Pointers not 16-byte aligned (views at odd offsets) take the unhinted path and stay correct."""
+    base = [torch.randn(s + 1, device=device) for s in (70, 130)]
+    params = [b[1:] for b in base]  # offset 4 bytes: contiguous, not 16-byte aligned
+    grads = [[torch.randn_like(p) for p in params] for _ in range(2)]
+    fishers = [torch.rand_like(p) for p in params]
+    anchors = [p + 0.1 for p in params]
+    ref = run_steps(K.ewc_adamw_ref, params, grads, fishers, anchors, ewc_lambda=0.5)
+    out = run_steps(K.ewc_adamw_, params, grads, fishers, anchors, ewc_lambda=0.5, backend="triton", block=BLOCK)
+    for a, b in zip(out[0] + out[1] + out[2], ref[0] + ref[1] + ref[2]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_triton_new_step_lr_and_betas_do_not_recompile(seed):
+    params, grads, fishers, anchors = make_case(SIZES + BIG, device="cuda", steps=1)
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+
+    def compiled_variants():
+        return sum(len(c) for c in K._ewc_adamw_kernel.device_caches[torch.cuda.current_device()][:1])
+
+    K.ewc_adamw_(params, grads[0], m, v, fishers=fishers, anchors=anchors, ewc_lambda=0.5, lr=1e-3, step=1,
+                 grad_scale=torch.tensor(0.5, device="cuda"), backend="triton")
+    before = compiled_variants()
+    for step, (lr, betas, lam) in enumerate([(2e-3, (0.8, 0.99), 0.7), (1e-4, (0.95, 0.9999), 2.0)], start=2):
+        K.ewc_adamw_(params, grads[0], m, v, fishers=fishers, anchors=anchors, ewc_lambda=lam, lr=lr, betas=betas,
+                     weight_decay=0.01 * step, step=step, grad_scale=torch.tensor(0.3, device="cuda"),
+                     backend="triton")
+    torch.cuda.synchronize()
+    assert compiled_variants() == before

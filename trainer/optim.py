@@ -1,0 +1,499 @@
+"""EWCAdamW (AdamW with the EWC gradient fused into the step), gradient clipping, and learning-rate schedules.
+
+    opt = EWCAdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                   ewc_lambda=0.0, fisher=None, anchor=None, backend="auto")
+    opt.set_ewc_state(fisher, anchor, ewc_lambda)       # later, e.g. after loading the EWC file sharded
+    task_norm, total_norm = opt.clip_grad_norm_(1.0, mode="task")
+    opt.step()
+    opt.last_penalty, opt.last_ewc_grad_norm            # 0-dim tensors
+
+step(): g' = g + ewc_lambda * F * (p - anchor), then exactly torch.optim.AdamW's update on g', in one pass over
+memory per dtype group (kernels/ewc_adamw.py; "triton" on CUDA, "cpp" on CPU, "torch" anywhere). Nothing
+EWC-related runs in the forward or backward pass. A parameter whose .grad is None is skipped entirely (no EWC
+pull, no decay, no step count), as torch.optim.AdamW skips it.
+
+Sharded parameters (FSDP2 DTensors) are updated through their local shards; F and anchor are DTensors of the same
+placement, or plain tensors of the local shard's shape. The optimizer state (step, exp_avg, exp_avg_sq) is stored
+like torch.optim.AdamW's (exp_avg a DTensor for a DTensor parameter), so state_dict/load_state_dict and
+torch.distributed.checkpoint.state_dict.get_optimizer_state_dict work unchanged. F and anchor are not optimizer
+state: they come from the EWC file on every run and are never saved in state_dict.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from kernels import ewc_adamw as K
+from trainer.errors import UserError
+
+try:
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+except ImportError:  # a torch build without distributed support
+    DTensor = Partial = Replicate = Shard = None
+
+CLIP_MODES = K.CLIP_MODES
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+# ------------------------------------------------------------------------------------------- learning-rate schedule
+
+
+def warmup_steps_of(warmup: int | float, total_steps: int) -> int:
+    """Warm-up length in steps: a float in [0, 1) is a fraction of `total_steps`, an int (or a whole float >= 1)
+    a number of steps."""
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or warmup < 0 or math.isnan(warmup):
+        raise UserError(f"warmup must be a fraction in [0, 1) or a number of steps >= 0, got {warmup!r}")
+    if isinstance(warmup, float) and warmup < 1:
+        return int(round(warmup * total_steps))
+    if isinstance(warmup, float) and not warmup.is_integer():
+        raise UserError(f"warmup {warmup} is neither a fraction in [0, 1) nor a whole number of steps")
+    return int(warmup)
+
+
+def lr_at(step: int, *, base_lr: float, total_steps: int, schedule: str = "cosine", warmup: int | float = 0,
+          min_lr_ratio: float = 0.0) -> float:
+    """The learning rate for optimizer step `step` (0 for the first step).
+
+    Linear warm-up from base_lr / W to base_lr over the first W steps (W from `warmup`, see `warmup_steps_of`),
+    then "constant" (base_lr), "linear" or "cosine" decay to min_lr_ratio * base_lr at step total_steps - 1 and
+    held there after it.
+    """
+    if schedule not in SCHEDULES:
+        raise UserError(f"unknown lr schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if total_steps < 1:
+        raise UserError(f"total_steps must be >= 1, got {total_steps}")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise UserError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    w = warmup_steps_of(warmup, total_steps)
+    if step < w:
+        return base_lr * (step + 1) / w
+    if schedule == "constant":
+        return base_lr
+    decay_steps = total_steps - w - 1
+    if decay_steps > 0:
+        progress = min(1.0, (step - w) / decay_steps)
+    else:  # at most one step after warm-up: it runs at base_lr
+        progress = 0.0 if step == w else 1.0
+    if schedule == "linear":
+        factor = 1.0 - progress
+    else:
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return base_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * factor)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group (a float: a new value never recompiles a kernel)."""
+    for group in optimizer.param_groups:
+        group["lr"] = float(lr)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _local(t: Tensor) -> Tensor:
+    # Under no_grad DTensor.to_local() returns the local shard itself (no copy): updates land in the parameter.
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _reduce_key(p: Tensor):
+    """How partial sums over p's local shard combine across ranks: None (a plain tensor: the local value is the
+    whole), or (mesh, mesh dims over which p is sharded)."""
+    if not _is_dtensor(p):
+        return None
+    dims = tuple(i for i, pl in enumerate(p.placements) if not isinstance(pl, Replicate))
+    return (p.device_mesh, dims) if dims else None
+
+
+def _all_reduce(local: Tensor, key) -> Tensor:
+    """Sum a 0-dim partial over the ranks that hold different shards (a collective: every rank must call it)."""
+    if key is None:
+        return local
+    mesh, dims = key
+    placements = [Partial() if i in dims else Replicate() for i in range(mesh.ndim)]
+    return DTensor.from_local(local, mesh, placements, run_check=False).full_tensor()
+
+
+def _tensor_summary(t: Tensor) -> str:
+    kind = f"DTensor {tuple(t.placements)}" if _is_dtensor(t) else "tensor"
+    return f"{kind} of shape {tuple(t.shape)}, {str(t.dtype).removeprefix('torch.')} on {t.device}"
+
+
+# ---------------------------------------------------------------------------------------------------- optimizer
+
+
+@dataclass
+class _Part:
+    """Parameters of one param group that share a reduce key and a dtype: one fused call (per kernel group)."""
+
+    reduce_key: object
+    dtype: torch.dtype
+    indices: list[int]  # positions in _Plan.plist
+    full: bool  # indices cover the whole plist in order (no gradient list to pick)
+    groups: list  # K.TensorGroup, for the step and the "total" norm pass
+    grad_groups: list  # K.TensorGroup without F and anchor, for the "task" norm pass (reads g only)
+    locals: dict  # params, exp_avgs, exp_avg_sqs, fishers, anchors: local tensors in `indices` order
+
+
+@dataclass
+class _Plan:
+    key: tuple
+    plist: list[Tensor]  # the group's parameters that have gradients, in group order
+    steps: Tensor  # float32 [len(plist)], CPU: state[p]["step"] are views of it
+    parts: list[_Part]
+    dtensor: bool  # some parameter is a DTensor (gradients need .to_local())
+
+
+class EWCAdamW(torch.optim.Optimizer):
+    """torch.optim.AdamW plus the EWC gradient ewc_lambda * F * (p - anchor), fused into one pass per dtype group.
+
+    `fisher[i]`, `anchor[i]` belong to the i-th parameter in param-group order (None: no EWC for it). `backend`:
+    "auto" ("triton" on CUDA, "cpp" on CPU), "triton", "cpp" or "torch"; a C++ build failure falls back to "torch"
+    with one warning. lr, betas, eps and weight_decay are per param group; ewc_lambda is global.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, ewc_lambda: float = 0.0, fisher: Sequence[Tensor | None] | None = None,
+                 anchor: Sequence[Tensor | None] | None = None, backend: str = "auto"):
+        if not lr >= 0.0:
+            raise UserError(f"lr must be >= 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise UserError(f"betas must be in [0, 1), got {betas}")
+        if not eps >= 0.0:
+            raise UserError(f"eps must be >= 0, got {eps}")
+        if not weight_decay >= 0.0:
+            raise UserError(f"weight_decay must be >= 0, got {weight_decay}")
+        if backend not in ("auto", *K.BACKENDS):
+            raise UserError(f"unknown optimizer backend {backend!r}; choose auto, triton, cpp or torch")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.backend_request = backend
+        self._backend: str | None = None
+        self._ewc: dict[Tensor, tuple[Tensor, Tensor]] = {}
+        self._ewc_lambda = 0.0
+        self._version = 0  # bumped by anything that invalidates the cached plans
+        self._plans: dict[int, _Plan] = {}
+        self._clip: tuple[Tensor, str] | None = None  # (scale, mode) for the next step
+        self._last_local: list[tuple[object, Tensor, Tensor]] = []  # (reduce key, penalty, sum e^2) per key
+        self._last_reduced: tuple[Tensor, Tensor] | None = None
+        self.set_ewc_state(fisher, anchor, ewc_lambda)
+
+    # --- EWC state -------------------------------------------------------------------------------------------
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @property
+    def ewc_lambda(self) -> float:
+        return self._ewc_lambda
+
+    @ewc_lambda.setter
+    def ewc_lambda(self, value: float) -> None:
+        value = float(value)
+        if not value >= 0.0 or math.isinf(value):
+            raise UserError(f"ewc_lambda must be a finite number >= 0, got {value}")
+        self._ewc_lambda = value
+
+    def set_ewc_state(self, fisher: Sequence[Tensor | None] | None, anchor: Sequence[Tensor | None] | None,
+                      ewc_lambda: float | None = None) -> None:
+        """Set (or with None, None clear) F and anchor, one entry per parameter in param-group order.
+
+        Each entry: None (no EWC for that parameter), a DTensor with the parameter's mesh and placements, or a
+        plain tensor of the parameter's local-shard shape; float32 or bfloat16 (float64 for float64 parameters),
+        contiguous, on the parameter's device. The tensors are referenced, not copied.
+        """
+        if ewc_lambda is not None:
+            self.ewc_lambda = ewc_lambda
+        self._invalidate()
+        self._ewc = {}
+        if fisher is None and anchor is None:
+            return
+        if fisher is None or anchor is None:
+            raise UserError("EWC state needs both fisher and anchor (or neither)")
+        params = self._all_params()
+        fisher, anchor = list(fisher), list(anchor)
+        if len(fisher) != len(params) or len(anchor) != len(params):
+            raise UserError(f"EWC state has {len(fisher)} fisher and {len(anchor)} anchor tensors for "
+                            f"{len(params)} parameters; give one per parameter (None for none), in param-group order")
+        for i, (p, f, a) in enumerate(zip(params, fisher, anchor)):
+            if f is None and a is None:
+                continue
+            if f is None or a is None:
+                raise UserError(f"parameter {i}: EWC state needs both fisher and anchor (or neither)")
+            self._ewc[p] = (self._ewc_local(i, "fisher", p, f), self._ewc_local(i, "anchor", p, a))
+
+    @staticmethod
+    def _ewc_local(i: int, name: str, p: Tensor, t: Tensor) -> Tensor:
+        if not isinstance(t, Tensor):
+            raise UserError(f"parameter {i}: {name} must be a tensor, got {type(t).__name__}")
+        if _is_dtensor(t):
+            if not _is_dtensor(p) or t.device_mesh != p.device_mesh or t.placements != p.placements \
+                    or t.shape != p.shape:
+                raise UserError(f"parameter {i}: {name} is a {_tensor_summary(t)} but the parameter is a "
+                                f"{_tensor_summary(p)}; shard it like the parameter (same mesh and placements)")
+            t = t.to_local()
+        p_local = _local(p)
+        if t.shape != p_local.shape:
+            raise UserError(f"parameter {i}: {name} has shape {tuple(t.shape)}, the parameter's local shard "
+                            f"{tuple(p_local.shape)} ({_tensor_summary(p)})")
+        allowed = (torch.float64,) if p_local.dtype == torch.float64 else K.EWC_DTYPES
+        if t.dtype not in allowed:
+            raise UserError(f"parameter {i}: {name} is {str(t.dtype).removeprefix('torch.')}; use float32 or "
+                            f"bfloat16 (float64 for float64 parameters), e.g. .to(torch.bfloat16)")
+        if t.device != p_local.device:
+            raise UserError(f"parameter {i}: {name} is on {t.device}, the parameter on {p_local.device}")
+        if not t.is_contiguous():
+            raise UserError(f"parameter {i}: {name} is not contiguous; pass .contiguous() tensors")
+        return t
+
+    # --- backend ---------------------------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        """The backend in use ("triton", "cpp" or "torch"), resolved from the parameters' device on first use."""
+        if self._backend is None:
+            params = self._all_params()
+            device = _local(params[0]).device if params else torch.device("cpu")
+            self._backend = K.resolve_backend(self.backend_request, device)
+        return self._backend
+
+    def _backend_for(self, dtype: torch.dtype) -> str:
+        backend = self.backend
+        return "torch" if backend == "triton" and dtype == torch.float64 else backend
+
+    # --- state and plans ---------------------------------------------------------------------------------------
+
+    def _state_of(self, p: Tensor) -> dict:
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            # zeros_like of a DTensor is a DTensor of the same placement: what DCP expects for sharded state.
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        return state
+
+    def _invalidate(self) -> None:
+        self._version += 1
+
+    def _plan(self, group_index: int, plist: list[Tensor]) -> _Plan:
+        """The prepared kernel groups for the parameters of a group that have gradients (rebuilt when that set,
+        the EWC state, lambda's zeroness or the optimizer state changes; validation happens here, once)."""
+        key = (self._version, self._ewc_lambda != 0, tuple(map(id, plist)))
+        plan = self._plans.get(group_index)
+        if plan is not None and plan.key == key:
+            return plan
+        states = [self._state_of(p) for p in plist]
+        for j, (p, state) in enumerate(zip(plist, states)):
+            self._check_param(j, p, state)
+        # Steps as views of one buffer: one add_ per step instead of one op per parameter. state_dict() hands out
+        # copies; load_state_dict() bumps the version, and the next plan adopts the loaded values.
+        steps = torch.tensor([float(s["step"]) for s in states], dtype=torch.float32)
+        for i, state in enumerate(states):
+            state["step"] = steps[i]
+        parts: dict[tuple, list[int]] = {}
+        for j, p in enumerate(plist):
+            parts.setdefault((_reduce_key(p), _local(p).dtype), []).append(j)
+        built = []
+        for (reduce_key, dtype), idx in parts.items():
+            ewc = [self._ewc.get(plist[j], (None, None)) for j in idx]
+            locals_ = dict(
+                params=[_local(plist[j]) for j in idx],
+                exp_avgs=[_local(states[j]["exp_avg"]) for j in idx],
+                exp_avg_sqs=[_local(states[j]["exp_avg_sq"]) for j in idx],
+                fishers=[f for f, _ in ewc], anchors=[a for _, a in ewc])
+            groups = K.group_tensors(**locals_, ewc_lambda=self._ewc_lambda, check=False)
+            grad_groups = K.group_tensors(locals_["params"], None, None, None, None, ewc_lambda=0.0, check=False)
+            built.append(_Part(reduce_key, dtype, idx, idx == list(range(len(plist))), groups, grad_groups,
+                               locals_))
+        plan = _Plan(key, list(plist), steps, built, any(_is_dtensor(p) for p in plist))
+        self._plans[group_index] = plan
+        return plan
+
+    def _check_param(self, i: int, p: Tensor, state: dict) -> None:
+        local = _local(p)
+        if local.dtype not in (torch.float32, torch.float64):
+            raise UserError(f"parameter {i} is {str(local.dtype).removeprefix('torch.')}; EWCAdamW keeps float32 "
+                            f"(or float64) master parameters: build the model in float32")
+        if not local.is_contiguous():
+            raise UserError(f"parameter {i} ({_tensor_summary(p)}) is not contiguous")
+        for name in ("exp_avg", "exp_avg_sq"):
+            s = _local(state[name])
+            if s.shape != local.shape or s.dtype != local.dtype or s.device != local.device \
+                    or not s.is_contiguous():
+                raise UserError(f"parameter {i}: optimizer state {name} ({_tensor_summary(state[name])}) does "
+                                f"not match the parameter ({_tensor_summary(p)})")
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        # The live step tensors are views of a shared buffer: hand out independent copies.
+        sd["state"] = {k: {**v, "step": v["step"].detach().clone()} if "step" in v else dict(v)
+                       for k, v in sd["state"].items()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            if "step" in state:  # torch.optim keeps the caller's tensor; ours is incremented in place
+                state["step"] = state["step"].detach().clone()
+            for name in ("exp_avg", "exp_avg_sq"):
+                if name in state and not _local(state[name]).is_contiguous():
+                    state[name] = state[name].contiguous()
+        self._invalidate()
+        self._clip = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # A clip scale measured for gradients that are now dropped (a skipped step) must not reach the next step.
+        self._clip = None
+        super().zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_version"):
+            self._invalidate()
+
+    def _plans_with_grads(self):
+        """(group, plan, local grads of plan.plist) for every param group with gradients.
+
+        Per step this touches each parameter a few times only (its grad, the grad's local shard, contiguity):
+        shapes, dtypes and devices of gradients are guaranteed by torch's .grad setter, the rest was validated
+        when the plan was built.
+        """
+        for gi, group in enumerate(self.param_groups):
+            params = group["params"]
+            grads = [p.grad for p in params]
+            if any(g is None for g in grads):
+                plist = [p for p, g in zip(params, grads) if g is not None]
+                grads = [g for g in grads if g is not None]
+                if not plist:
+                    continue
+            else:
+                plist = params
+            plan = self._plan(gi, plist)
+            if plan.dtensor:
+                grads = [g.to_local() if _is_dtensor(g) else g for g in grads]
+            if not all(g.is_contiguous() for g in grads):
+                j = next(j for j, g in enumerate(grads) if not g.is_contiguous())
+                raise UserError(f"the gradient of parameter {j} of param group {gi} ({_tensor_summary(plist[j])}) is "
+                                f"not contiguous; the fused step reads raw memory")
+            yield group, plan, grads
+
+    # --- clipping --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float | None, *, mode: str = "task") -> tuple[Tensor, Tensor | None]:
+        """Measure the gradient norms and set the clip scale that the next step() applies (nothing is written now).
+
+        mode "task" (default): the norm of the data gradient g; step() uses g * s + e (the EWC gradient e added
+        after clipping). mode "total": also the norm of g + e in one fused read pass over p, g, F, anchor, and
+        step() uses (g + e) * s, as clipping the loss-based penalty's gradient did. s = min(1, max_norm / (norm +
+        1e-6)) like torch.nn.utils.clip_grad_norm_, kept on the device (no host sync). max_norm None or 0: no
+        clipping (mode "task" then reads only g).
+        Sharded gradients: the sums of squares are all-reduced across the mesh here (a collective: every rank
+        calls it). Returns 0-dim float64 tensors (task_norm, total_norm), total_norm None unless mode is "total".
+        """
+        if mode not in CLIP_MODES:
+            raise UserError(f"clip mode must be 'task' or 'total', got {mode!r}")
+        if max_norm is not None and not max_norm >= 0:
+            raise UserError(f"max_norm must be >= 0 or None, got {max_norm}")
+        use_ewc = mode == "total" and self._ewc_lambda != 0
+        by_key: dict[object, list[Tensor]] = {}
+        for _, plan, grads in self._plans_with_grads():
+            for part in plan.parts:
+                part_grads = grads if part.full else [grads[j] for j in part.indices]
+                groups = part.groups if use_ewc else part.grad_groups
+                gsq, tsq = K.grad_sq_norms_groups(groups, part_grads, ewc_lambda=self._ewc_lambda,
+                                                  backend=self._backend_for(part.dtype), check_grads=False)
+                acc = by_key.setdefault(part.reduce_key, [])
+                acc += [gsq, tsq]
+        grad_sq = total_sq = None
+        for key, sums in by_key.items():
+            gsq, tsq = _all_reduce(torch.stack(sums[0::2]).sum(), key), _all_reduce(torch.stack(sums[1::2]).sum(), key)
+            grad_sq = gsq if grad_sq is None else grad_sq + gsq
+            total_sq = tsq if total_sq is None else total_sq + tsq
+        if grad_sq is None:
+            grad_sq = total_sq = torch.zeros((), dtype=torch.float64)
+        task_norm = grad_sq.sqrt()
+        total_norm = total_sq.sqrt() if mode == "total" else None
+        self._clip = None
+        if max_norm:
+            norm = total_norm if mode == "total" else task_norm
+            self._clip = (torch.clamp(max_norm / (norm + 1e-6), max=1.0), mode)
+        return task_norm, total_norm
+
+    # --- step ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        scale, mode = self._clip if self._clip is not None else (None, "task")
+        self._clip = None
+        sums: dict[object, list[Tensor]] = {}
+        for group, plan, grads in self._plans_with_grads():
+            plan.steps.add_(1.0)
+            step_values = plan.steps.tolist()
+            uniform = step_values.count(step_values[0]) == len(step_values)
+            hyper = dict(ewc_lambda=self._ewc_lambda, lr=float(group["lr"]), betas=group["betas"], eps=group["eps"],
+                         weight_decay=group["weight_decay"], grad_scale=scale, clip_mode=mode, check_grads=False)
+            for part in plan.parts:
+                part_grads = grads if part.full else [grads[j] for j in part.indices]
+                backend = self._backend_for(part.dtype)
+                if uniform:
+                    pen, sq = K.step_groups(part.groups, part_grads, step=int(step_values[0]), backend=backend,
+                                            **hyper)
+                else:  # parameters that missed steps (no grad at times): one call per step count
+                    pen = sq = 0
+                    values = [step_values[j] for j in part.indices]
+                    for value in sorted(set(values)):
+                        sel = [i for i, v in enumerate(values) if v == value]
+                        pick = lambda lst: [lst[i] for i in sel]  # noqa: E731
+                        groups = K.group_tensors(*(pick(part.locals[k]) for k in
+                                                   ("params", "exp_avgs", "exp_avg_sqs", "fishers", "anchors")),
+                                                 ewc_lambda=self._ewc_lambda, check=False)
+                        p_, s_ = K.step_groups(groups, pick(part_grads), step=int(value), backend=backend, **hyper)
+                        pen, sq = pen + p_, sq + s_
+                acc = sums.setdefault(part.reduce_key, [])
+                acc += [pen, sq]
+        self._last_local = [(key, torch.stack(v[0::2]).sum(), torch.stack(v[1::2]).sum()) for key, v in sums.items()]
+        self._last_reduced = None
+        return loss
+
+    # --- metrics ---------------------------------------------------------------------------------------------
+
+    def _reduced_last(self) -> tuple[Tensor, Tensor]:
+        if self._last_reduced is None:
+            pen = sq = None
+            for key, p, s in self._last_local:
+                p, s = _all_reduce(p, key), _all_reduce(s, key)
+                pen = p if pen is None else pen + p
+                sq = s if sq is None else sq + s
+            if pen is None:
+                pen = sq = torch.zeros((), dtype=torch.float64)
+            self._last_reduced = (pen, sq)
+        return self._last_reduced
+
+    @property
+    def last_penalty(self) -> Tensor:
+        """(ewc_lambda / 2) * sum(F * (p - anchor)^2) at the pre-step parameters of the last step (0-dim, float64).
+
+        For sharded parameters the per-rank sums are all-reduced on the first read after a step (a collective:
+        every rank must read it, or none); reading does not synchronise the host with the device.
+        """
+        return self._reduced_last()[0]
+
+    @property
+    def last_ewc_grad_norm(self) -> Tensor:
+        """The L2 norm of the last step's EWC gradient ewc_lambda * F * (p - anchor) (0-dim, float64; all-reduced
+        on first read like last_penalty)."""
+        return self._reduced_last()[1].sqrt()
