@@ -20,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -34,6 +35,23 @@ class Part:
     timeout_s: int
     summary: list[str] = field(default_factory=list)  # JSON keys shown in the table
     ok_codes: tuple[int, ...] = (0,)
+    headline: Callable[[dict], dict] | None = None  # derives the table's figures from the part's JSON
+
+
+def _optimizer_headline(data: dict) -> dict:
+    """Our fused step (d) on the largest parameter set: vs fused AdamW (a), vs the foreach composition (c), and
+    as a fraction of the measured copy bandwidth."""
+    rows = [r for r in data.get("rows", []) if r.get("variant", "").startswith("(d)")]
+    out = {}
+    for dtype in sorted({r["ewc_dtype"] for r in rows}):
+        mine = [r for r in rows if r["ewc_dtype"] == dtype]
+        if not mine:
+            continue
+        r = max(mine, key=lambda r: r["elements"])
+        tag = "f32" if dtype == "float32" else "bf16"
+        out.update({f"{tag}_elements": r["elements"], f"{tag}_d_vs_a": r.get("x_vs_a"),
+                    f"{tag}_d_of_copy_bw": r.get("of_copy_bw"), f"{tag}_d_speedup_vs_c": r.get("speedup_vs_c")})
+    return out
 
 
 def parts() -> list[Part]:
@@ -43,13 +61,25 @@ def parts() -> list[Part]:
              [PY, "-m", "pytest", "-q", "-m", "gpu", "tests", "-p", "no:cacheprovider",
               "--junitxml={out}.xml"],
              [PY, "-m", "pytest", "-q", "-m", "gpu", "tests", "-p", "no:cacheprovider", "--junitxml={out}.xml"],
-             150, ok_codes=(0, 5)),  # pytest's 5: no GPU test selected (none exist yet, or all deselected)
+             120, ok_codes=(0, 5)),  # pytest's 5: no GPU test selected (all deselected on a dry run)
+        Part("optimizer", "fused EWC-AdamW step vs torch fused AdamW and the foreach composition (GB/s)",
+             cli + ["bench", "optimizer", "--device", "cuda", "--out", "{out}"],
+             cli + ["bench", "optimizer", "--device", "cpu", "--sizes", "1M", "--ewc-dtypes", "float32",
+                    "--variants", "a,c,d", "--repeat", "1", "--warmup", "1", "--min-time", "0", "--out", "{out}"],
+             90, headline=_optimizer_headline),
         Part("model-2b", "gemma2-2b forward+backward, bf16, flex, packed 4096-token rows",
              cli + ["bench", "model", "--preset", "gemma2-2b", "--seq-len", "4096", "--device", "cuda",
-                    "--dtype", "bfloat16", "--attention", "flex", "--steps", "5", "--out", "{out}"],
+                    "--dtype", "bfloat16", "--attention", "flex", "--steps", "3", "--out", "{out}"],
              cli + ["bench", "model", "--preset", "tiny", "--seq-len", "128", "--device", "cpu", "--steps", "1",
                     "--out", "{out}"],
-             150, ["tokens_per_s", "mfu", "max_memory_gb", "logits_rel_err_vs_float32"]),
+             100, ["tokens_per_s", "mfu", "max_memory_gb", "logits_rel_err_vs_float32"]),
+        Part("train-2b", "gemma2-2b training steps: ours vs transformers + loss-based EWC, EWC on/off",
+             cli + ["bench", "train", "--preset", "gemma2-2b", "--seq-len", "4096", "--device", "cuda",
+                    "--attention", "flex", "--steps", "3", "--warmup", "2", "--out", "{out}"],
+             cli + ["bench", "train", "--preset", "tiny", "--seq-len", "64", "--device", "cpu", "--steps", "1",
+                    "--warmup", "1", "--out", "{out}"],
+             170, ["ours_ewc_tokens_per_s", "ours_ewc_mfu", "ours_ewc_max_memory_gb",
+                   "ours_ewc_speedup_vs_transformers", "ours_ewc_ewc_overhead"]),
     ]
 
 
@@ -66,28 +96,37 @@ def _summarize(part: Part, out: Path) -> dict:
         data = json.loads(out.read_text())
         for key in part.summary:
             row[key] = data.get(key)
+        if part.headline is not None:
+            row.update(part.headline(data))
         row["data"] = data
     return row
 
 
-def run_parts(*, dry_run: bool, work: Path, only: list[str] | None) -> list[dict]:
+def run_parts(*, dry_run: bool, work: Path, only: list[str] | None, budget_s: float) -> list[dict]:
+    """Run the parts in order; each gets its own limit, cut to what is left of `budget_s` (results are always
+    written: a part that no longer fits is reported as skipped)."""
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                PYTHONUNBUFFERED="1")
+    deadline = time.perf_counter() + budget_s
     results = []
     for part in parts():
         if only and part.name not in only:
             continue
         out = work / f"{part.name}.json"
         command = [c.replace("{out}", str(out)) for c in (part.dry_command if dry_run else part.command)]
+        limit = min(part.timeout_s, deadline - time.perf_counter())
+        if limit < 15:
+            results.append({"part": part.name, "what": part.what, "status": "skipped (8-minute budget spent)",
+                            "seconds": 0.0, "log_tail": ""})
+            continue
         print(f"== {part.name}: {part.what}", flush=True)
         start = time.perf_counter()
         try:
-            proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                                  timeout=part.timeout_s)
+            proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=limit)
             status = "ok" if proc.returncode in part.ok_codes else f"failed (exit {proc.returncode})"
             log = proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as exc:
-            status = f"timed out after {part.timeout_s}s"
+            status = f"timed out after {limit:.0f}s"
             log = (exc.stdout or b"").decode(errors="replace") + (exc.stderr or b"").decode(errors="replace")
         seconds = time.perf_counter() - start
         tail = "\n".join(log.strip().splitlines()[-25:])
@@ -121,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, results into a temp folder")
     p.add_argument("--results-dir", default=None, help="default: bench/results (temp folder with --dry-run)")
     p.add_argument("--only", nargs="*", help="run only these parts")
+    p.add_argument("--budget", type=float, default=450, help="seconds for all parts together (default 450)")
     args = p.parse_args(argv)
 
     sys.path.insert(0, str(REPO))
@@ -136,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                                             else REPO / "bench" / "results"))
     results_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gpu-check-parts-") as work:
-        results = run_parts(dry_run=args.dry_run, work=Path(work), only=args.only)
+        results = run_parts(dry_run=args.dry_run, work=Path(work), only=args.only, budget_s=args.budget)
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     gpu = device_name(device) + ("-dryrun" if args.dry_run else "")
     header = {"date": date, "gpu": gpu, "git": git_revision(), "torch": torch.__version__,

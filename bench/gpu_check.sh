@@ -6,4 +6,4 @@
 set -u
 cd "$(dirname "$0")/.." || exit 2
 PYTHON=${PYTHON:-python3}
-exec timeout 480 "$PYTHON" -m bench.gpu_check "$@"
+exec timeout 490 "$PYTHON" -m bench.gpu_check "$@"

@@ -67,8 +67,10 @@ def run_profile(args: argparse.Namespace) -> int:
         prof.step()
 
     try:
-        with profile(activities=activities, schedule=schedule(wait=0, warmup=args.warmup, active=args.steps),
-                     record_shapes=False) as prof:
+        trace = out / "trace.json"
+        with profile(activities=activities, record_shapes=False, acc_events=True,
+                     schedule=schedule(wait=0, warmup=args.warmup, active=args.steps, repeat=1),
+                     on_trace_ready=lambda p: p.export_chrome_trace(str(trace))) as prof:
             train(config, scratch, stop_after=args.warmup + args.steps, save_final=False, step_hook=on_step)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -77,7 +79,6 @@ def run_profile(args: argparse.Namespace) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     bytes_per_step = seen.get("bytes", 0)
-    prof.export_chrome_trace(str(out / "trace.json"))
     rows = []
     step_us = 0.0  # time of the fused optimizer step: its Triton launches on CUDA, its CPU span on CPU
     for event in prof.key_averages():

@@ -22,7 +22,6 @@ import argparse
 import gc
 
 import torch
-import torch.nn.functional as F
 
 from bench.common import format_table, machine_info, time_fn, write_results
 from bench.model import packed_batch
@@ -54,19 +53,22 @@ def _free(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _ours(config: Gemma2Config, batch: dict, *, device, dtype, attention: str, ewc: bool, lam: float):
+def _our_model(config: Gemma2Config, *, device, dtype, attention: str):
     from trainer.config import ParallelConfig
     from trainer.model import Gemma2
-    from trainer.optim import EWCAdamW
     from trainer.parallelize import build_mesh, materialize, parallelize
-    from trainer.train import param_groups, train_step
 
     parallel = ParallelConfig(param_dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
-    mesh = build_mesh(parallel, device_type=device.type)
     with torch.device("meta"):
         model = Gemma2(config, attention_backend=attention)
-    parallelize(model, parallel, mesh=mesh)
-    materialize(model, device=device, seed=0)
+    parallelize(model, parallel, mesh=build_mesh(parallel, device_type=device.type))
+    return materialize(model, device=device, seed=0)
+
+
+def _our_step(model, batch: dict, *, device, ewc: bool, lam: float):
+    from trainer.optim import EWCAdamW
+    from trainer.train import param_groups, train_step
+
     groups, _ = param_groups(model, 0.01)
     optimizer = EWCAdamW(groups, lr=1e-5)
     if ewc:
@@ -78,10 +80,10 @@ def _ours(config: Gemma2Config, batch: dict, *, device, dtype, attention: str, e
     def step():
         train_step(model, optimizer, [batch], device=device, world_size=1, clip=1.0, clip_mode="task")
 
-    return step, batch_flops_per_token(config, batch["position_ids"])
+    return step
 
 
-def _transformers(config: Gemma2Config, batch: dict, *, device, dtype, ewc: bool, lam: float):
+def _hf_model(config: Gemma2Config, *, device):
     from transformers import Gemma2Config as HFConfig, Gemma2ForCausalLM
 
     from trainer.hf import config_to_hf
@@ -90,7 +92,11 @@ def _transformers(config: Gemma2Config, batch: dict, *, device, dtype, ewc: bool
     for key in ("architectures", "model_type", "torch_dtype"):
         raw.pop(key)
     torch.manual_seed(0)
-    model = Gemma2ForCausalLM(HFConfig(**raw, attn_implementation="eager")).to(device).train()
+    with torch.device(device):  # initialised where it runs: no 10 GB of host-side random numbers
+        return Gemma2ForCausalLM(HFConfig(**raw, attn_implementation="eager")).train()
+
+
+def _hf_step(model, batch: dict, *, device, dtype, ewc: bool, lam: float):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, fused=True)
     ids = batch["input_ids"].to(device)
     # transformers shifts labels itself: labels_hf[t + 1] = ours[t].
@@ -114,8 +120,7 @@ def _transformers(config: Gemma2Config, batch: dict, *, device, dtype, ewc: bool
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seq = ids.shape[1]
-    return step, training_flops_per_token(config, seq)
+    return step
 
 
 def run(args: argparse.Namespace) -> int:
@@ -135,14 +140,21 @@ def run(args: argparse.Namespace) -> int:
     impls = ["gemma-ewc"] + ([] if args.skip_transformers else ["transformers"])
     rows = []
     for impl in impls:
+        _free(device)
+        if impl == "gemma-ewc":
+            model = _our_model(config, device=device, dtype=dtype, attention=args.attention)
+            flops = batch_flops_per_token(config, batch["position_ids"])
+        else:
+            model = _hf_model(config, device=device)
+            flops = training_flops_per_token(config, args.seq_len)  # full causal rows: no document masks
         for ewc in (False, True):
             _free(device)
+            step = None
             try:
                 if impl == "gemma-ewc":
-                    step, flops = _ours(config, batch, device=device, dtype=dtype, attention=args.attention,
-                                        ewc=ewc, lam=args.lam)
+                    step = _our_step(model, batch, device=device, ewc=ewc, lam=args.lam)
                 else:
-                    step, flops = _transformers(config, batch, device=device, dtype=dtype, ewc=ewc, lam=args.lam)
+                    step = _hf_step(model, batch, device=device, dtype=dtype, ewc=ewc, lam=args.lam)
                 timing = time_fn(step, device=device, warmup=args.warmup, repeat=args.steps)
                 row = {"impl": impl, "ewc": ewc, "step_ms": 1e3 * timing["median_s"],
                        "tokens_per_s": tokens / timing["median_s"],
@@ -153,6 +165,9 @@ def run(args: argparse.Namespace) -> int:
                 row = {"impl": impl, "ewc": ewc, "error": f"out of memory: {str(exc).splitlines()[0]}"}
             rows.append(row)
             del step
+            for p in model.parameters():
+                p.grad = None
+        del model
     by = {(r["impl"], r["ewc"]): r for r in rows}
     for r in rows:
         if "tokens_per_s" not in r:

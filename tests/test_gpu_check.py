@@ -16,9 +16,13 @@ def test_gpu_check_dry_run_writes_results(tmp_path):
     (md_file,) = tmp_path.glob("*-dryrun.md")
     payload = json.loads(json_file.read_text())
     assert [p["status"] for p in payload["parts"]] == ["ok"] * len(payload["parts"])
-    assert {"gpu-tests", "model-2b"} <= {p["part"] for p in payload["parts"]}
+    assert {"gpu-tests", "optimizer", "model-2b", "train-2b"} == {p["part"] for p in payload["parts"]}
     model = next(p for p in payload["parts"] if p["part"] == "model-2b")
     assert model["tokens_per_s"] > 0 and 0 < model["mfu"] < 1
     table = md_file.read_text()
     assert "| model-2b | ok |" in table
     assert proc.stdout.rstrip().splitlines()[-1].startswith("results: ")
+    optimizer = next(p for p in payload["parts"] if p["part"] == "optimizer")
+    assert optimizer["f32_d_vs_a"] > 0 and optimizer["f32_d_of_copy_bw"] > 0
+    train = next(p for p in payload["parts"] if p["part"] == "train-2b")
+    assert train["ours_ewc_tokens_per_s"] > 0 and train["ours_ewc_speedup_vs_transformers"] > 0

@@ -89,15 +89,17 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     B, S, H, D = q.shape
     T, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv  # query heads per KV head; query head h uses KV head h // G (transformers' repeat_kv order)
-    qg = q.view(B, S, Hkv, G, D).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, S, D]
-    scores = (qg @ k.permute(0, 2, 3, 1)[:, :, None]) * scale  # [B, Hkv, G, S, T]
+    # The G query heads of a KV head are folded into the query length, so K and V are used as they are (no copy
+    # per query head) and every product is a plain batched matmul.
+    qg = q.view(B, S, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * S, D)
+    scores = (qg @ k.permute(0, 2, 3, 1)).view(B, Hkv, G, S, T) * scale
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores.masked_fill(~mask, float("-inf"))  # mask [B, 1, 1, S, T]
     # float32 softmax under low-precision compute (as transformers); float64 stays float64.
     probs = torch.softmax(scores, dim=-1, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-    out = probs.to(q.dtype) @ v.permute(0, 2, 1, 3)[:, :, None]  # [B, Hkv, G, S, D]
-    return out.permute(0, 3, 1, 2, 4).reshape(B, S, H, D)
+    out = probs.to(q.dtype).view(B, Hkv, G * S, T) @ v.permute(0, 2, 1, 3)  # [B, Hkv, G * S, D]
+    return out.view(B, Hkv, G, S, D).permute(0, 3, 1, 2, 4).reshape(B, S, H, D)
 
 
 # ----------------------------------------------------------------------------------------------------------- flex
