@@ -12,14 +12,16 @@ Four configurations on the same batch of packed rows, side by side in one run:
                  parameters (F in float16 as there, θ* float32), then backward and clipping of the total.
 each with EWC off and on (λ = --lambda, random F ≥ 0, θ* = the initial weights). transformers sees the same tokens
 without the document boundaries (its eager attention has no packed masks), so its attention does at least as much
-work; MFU counts each side's own attention FLOPs. Reported: step time, tokens/s, MFU, peak memory (CUDA), and the
-ratios ours / transformers and EWC on / off.
+work; MFU counts each side's own attention FLOPs. Reported: median step time over alternating EWC off/on rounds,
+tokens/s, MFU, peak memory (CUDA; the peak of the implementation's run, both optimizers included), and the ratios
+ours / transformers and EWC on / off.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 
 import torch
 
@@ -147,26 +149,37 @@ def run(args: argparse.Namespace) -> int:
         else:
             model = _hf_model(config, device=device)
             flops = training_flops_per_token(config, args.seq_len)  # full causal rows: no document masks
+        # EWC off and on share the model and are timed in alternating rounds, so drifts of the machine (clocks,
+        # neighbours) affect both alike.
+        steps, samples, errors = {}, {False: [], True: []}, {}
         for ewc in (False, True):
-            _free(device)
-            step = None
             try:
                 if impl == "gemma-ewc":
-                    step = _our_step(model, batch, device=device, ewc=ewc, lam=args.lam)
+                    steps[ewc] = _our_step(model, batch, device=device, ewc=ewc, lam=args.lam)
                 else:
-                    step = _hf_step(model, batch, device=device, dtype=dtype, ewc=ewc, lam=args.lam)
-                timing = time_fn(step, device=device, warmup=args.warmup, repeat=args.steps)
-                row = {"impl": impl, "ewc": ewc, "step_ms": 1e3 * timing["median_s"],
-                       "tokens_per_s": tokens / timing["median_s"],
-                       "mfu": tokens / timing["median_s"] * flops / peak, "flops_per_token": flops,
-                       "max_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30
-                                         if device.type == "cuda" else None), "timing": timing}
+                    steps[ewc] = _hf_step(model, batch, device=device, dtype=dtype, ewc=ewc, lam=args.lam)
+                for _ in range(args.warmup):
+                    steps[ewc]()
             except torch.OutOfMemoryError as exc:
-                row = {"impl": impl, "ewc": ewc, "error": f"out of memory: {str(exc).splitlines()[0]}"}
-            rows.append(row)
-            del step
-            for p in model.parameters():
-                p.grad = None
+                errors[ewc] = f"out of memory: {str(exc).splitlines()[0]}"
+                steps.pop(ewc, None)
+                _free(device)
+        for _ in range(args.steps):
+            for ewc, step in steps.items():
+                samples[ewc].append(time_fn(step, device=device, warmup=0, repeat=1)["median_s"])
+        for ewc in (False, True):
+            if ewc in errors:
+                rows.append({"impl": impl, "ewc": ewc, "error": errors[ewc]})
+                continue
+            median = statistics.median(samples[ewc])
+            rows.append({"impl": impl, "ewc": ewc, "step_ms": 1e3 * median, "tokens_per_s": tokens / median,
+                         "mfu": tokens / median * flops / peak, "flops_per_token": flops,
+                         "max_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30
+                                           if device.type == "cuda" else None),
+                         "step_s": samples[ewc]})
+        del steps
+        for p in model.parameters():
+            p.grad = None
         del model
     by = {(r["impl"], r["ewc"]): r for r in rows}
     for r in rows:
