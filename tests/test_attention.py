@@ -26,7 +26,7 @@ def test_document_ids_restart_at_every_zero_position():
 def test_eager_mask_is_causal_same_document_and_windowed():
     pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2]])
     masks = attn.build_masks(pos, backend="eager", sliding_window=2)
-    full, sliding = masks.full[0, 0, 0], masks.sliding[0, 0, 0]
+    full, sliding = ~masks.full[0, 0, 0], ~masks.sliding[0, 0, 0]  # stored as "masked out"
     for q in range(8):
         for k in range(8):
             same = (q < 5) == (k < 5)

@@ -13,7 +13,7 @@ from trainer.model import Gemma2
 def test_keys_attended_counts_the_mask(n, window):
     pos = torch.arange(n)[None]
     masks = build_masks(pos, backend="eager", sliding_window=window or 10**9)
-    assert keys_attended(n, window) == int(masks.sliding.sum())
+    assert keys_attended(n, window) == int((~masks.sliding).sum())
 
 
 def test_training_flops_follow_the_packed_masks():
@@ -21,7 +21,7 @@ def test_training_flops_follow_the_packed_masks():
     lengths = [5, 17, 10]
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
     masks = build_masks(pos, backend="eager", sliding_window=config.sliding_window)
-    keys = sum(int((masks.sliding if config.is_sliding(i) else masks.full).sum()) for i in range(config.num_layers))
+    keys = sum(int((~(masks.sliding if config.is_sliding(i) else masks.full)).sum()) for i in range(config.num_layers))
     seq = sum(lengths)
     expected = 6 * matmul_params(config) + 3 * 4 * config.num_heads * config.head_dim * keys / seq
     assert training_flops_per_token(config, seq, doc_lengths=lengths) == pytest.approx(expected)

@@ -29,7 +29,7 @@ BACKENDS = ("eager", "flex", "flash")
 @dataclass
 class AttentionMasks:
     backend: str
-    full: Any = None  # eager: bool [B, 1, 1, Sq, T]; flex: BlockMask
+    full: Any = None  # eager: bool [B, 1, 1, Sq, T], True = masked out; flex: BlockMask
     sliding: Any = None
     sliding_window: int = 0
     cu_seqlens: torch.Tensor | None = None  # flash: int32 [num_docs + 1] over the flattened rows
@@ -80,12 +80,14 @@ def eager_masks(query_doc: torch.Tensor, key_doc: torch.Tensor, query_index: tor
     causal = key_index[None, :] <= query_index[:, None]  # [Sq, T]
     full = (query_doc[:, :, None] == key_doc[:, None, :]) & causal  # [B, Sq, T]
     sliding = full & ((query_index[:, None] - key_index[None, :]) < sliding_window)
-    return AttentionMasks("eager", full=full[:, None, None], sliding=sliding[:, None, None],
+    # Stored inverted (True = masked out): every layer fills those scores in place, without negating again.
+    return AttentionMasks("eager", full=~full[:, None, None], sliding=~sliding[:, None, None],
                           sliding_window=sliding_window)
 
 
-def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, *, scale: float,
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked_out: torch.Tensor, *, scale: float,
                     softcap: float | None) -> torch.Tensor:
+    """`masked_out` [B, 1, 1, Sq, T]: True where a query must not see a key."""
     B, S, H, D = q.shape
     T, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv  # query heads per KV head; query head h uses KV head h // G (transformers' repeat_kv order)
@@ -95,7 +97,8 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     scores = (qg @ k.permute(0, 2, 3, 1)).view(B, Hkv, G, S, T) * scale
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
-    scores = scores.masked_fill(~mask, float("-inf"))  # mask [B, 1, 1, S, T]
+    # In place: neither the product nor the soft-cap saves its output for backward.
+    scores = scores.masked_fill_(masked_out, float("-inf"))
     # float32 softmax under low-precision compute (as transformers); float64 stays float64.
     probs = torch.softmax(scores, dim=-1, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     out = probs.to(q.dtype).view(B, Hkv, G * S, T) @ v.permute(0, 2, 1, 3)  # [B, Hkv, G * S, D]
