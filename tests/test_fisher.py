@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import random_model, rel_err, small_config
+from trainer.benchmarks import MCItem
 from trainer.errors import UserError
 from trainer.ewc import estimate_fisher, estimate_fisher_with_stats
 from trainer.ewc.batches import EncodedPrompt, encode_mmlu, pack_prompts, prompt_batches
 from trainer.hf import to_hf_name
-from trainer.prompts import MCItem, answer_letter_tokens, format_mmlu_prompt
+from trainer.prompts import answer_letter_tokens, format_mmlu_prompt
 
 IGNORE = -100
 nan = float("nan")
@@ -257,7 +258,8 @@ def test_read_mmlu_layouts(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from trainer.prompts import DEFAULT_MMLU_TEMPLATE, check_template, read_mmlu
+    from trainer.benchmarks import read_mmlu
+    from trainer.prompts import DEFAULT_MMLU_TEMPLATE, check_template
 
     check_template(DEFAULT_MMLU_TEMPLATE)
     records = [{"question": "Q1?", "subject": "anatomy", "choices": ["a", "b", "c", "d"], "answer": 2},
@@ -270,12 +272,12 @@ def test_read_mmlu_layouts(tmp_path):
                      MCItem("Q1?", ("a", "b", "c", "d"), 2, "anatomy"), MCItem("Q2?", ("e", "f", "g", "h"), 0,
                                                                              "virology")]
     (tmp_path / "bad.jsonl").write_text('{"question": "Q", "choices": ["a", "b"], "answer": 5}\n')
-    with pytest.raises(UserError, match=r"bad\.jsonl:1: answer 5 is not an index 0\.\.1"):
+    with pytest.raises(UserError, match=r"bad\.jsonl:1: answer 5 is out of range for 2 choices"):
         read_mmlu(tmp_path / "bad.jsonl")
 
 
 def test_read_shared_mmlu_sample(shared_data):
-    from trainer.prompts import read_mmlu
+    from trainer.benchmarks import read_mmlu
 
     items = read_mmlu(shared_data / "benchmarks" / "mmlu" / "dev")
     assert len(items) == 285 and len({i.subject for i in items}) == 57

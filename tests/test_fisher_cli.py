@@ -16,7 +16,7 @@ from trainer.cli import main
 from trainer.ewc import estimate_fisher, load_ewc, read_header
 from trainer.ewc.batches import encode_mmlu, prompt_batches
 from trainer.hf import load_pretrained, save_pretrained
-from trainer.prompts import read_mmlu
+from trainer.benchmarks import read_mmlu
 
 QUESTIONS = [
     ("Which of these is water?", ["H2O", "CO2", "NaCl", "O2"], 0),

@@ -87,7 +87,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from trainer.evaluate import runner
     from trainer.evaluate.perplexity import perplexity_of_input, read_perplexity_input
     from trainer.evaluate.scoring import ScoringOptions, Tokenizer, check_tokenizer, default_device
-    from trainer.evaluate.tasks import attach_fewshot, load_docs, load_task, split_named, task_files
+    from trainer.benchmarks import benchmark_files
+    from trainer.evaluate.tasks import attach_fewshot, load_docs, load_task, split_named
     from trainer.hf import load_pretrained
 
     if not args.ppl and not args.tasks:
@@ -121,7 +122,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if name:
             named_shots[name] = path
         else:
-            kind, _, _ = load_docs(task_files(Path(path)), task_type=args.task_type, path=Path(path), limit=1)
+            kind, _, _ = load_docs(benchmark_files(Path(path)), task_type=args.task_type, path=Path(path), limit=1)
             typed_shots.append((kind.name, path))
     tasks = []
     for spec in args.tasks:

@@ -110,7 +110,8 @@ def run_fisher(args: argparse.Namespace) -> int:
 def _fisher(args: argparse.Namespace) -> int:
     from trainer.distributed import init_distributed
     from trainer.hf import HFCheckpoint
-    from trainer.prompts import DEFAULT_MMLU_TEMPLATE, load_template, mmlu_files, read_mmlu
+    from trainer.benchmarks import mmlu_files, read_mmlu
+    from trainer.prompts import DEFAULT_MMLU_TEMPLATE, load_template
 
     if args.max_samples is not None and args.max_samples < 1:
         raise UserError(f"--max-samples must be at least 1, got {args.max_samples}")
