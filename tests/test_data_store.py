@@ -15,7 +15,7 @@ import sentencepiece as spm
 from trainer.cli import main as cli_main
 from trainer.data.readers import read_documents
 from trainer.data.store import TokenStore
-from trainer.data.tokenize import load_tokenizer, tokenize_texts, tokenize_to_store
+from trainer.data.tokenize import load_tokenizer, read_sentencepiece, tokenize_texts, tokenize_to_store
 from trainer.errors import UserError
 
 WORDS = ["labas", "rytas", "ačiū", "žodis", "šuo", "katė", "the", "and", "of", "model", "token", "packing", "ėė"]
@@ -164,6 +164,17 @@ def test_model_without_bos_eos_needs_explicit_ids(tmp_path):
         load_tokenizer(model)
     tok = load_tokenizer(model, bos_id=5, eos_id=6)
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (5, 6, 6)
+
+
+def test_missing_or_invalid_tokenizer_is_one_clear_error_everywhere(tmp_path):
+    from trainer.evaluate.scoring import Tokenizer
+
+    (tmp_path / "junk.model").write_bytes(b"not a model")
+    for load in (load_tokenizer, read_sentencepiece, Tokenizer):  # token stores, the Fisher, eval
+        with pytest.raises(UserError, match="tokenizer .*missing.model not found: give the SentencePiece model"):
+            load(tmp_path / "missing.model")
+        with pytest.raises(UserError, match="junk.model is not a SentencePiece model"):
+            load(tmp_path / "junk.model")
 
 
 def test_cli_tokenize(tmp_path, gemma_like, capsys):

@@ -203,7 +203,7 @@ def new_results(*, model_dir: Path, fingerprint: tuple[str, str], tokenizer: Tok
         "label": label,
         "lambda": ewc_lambda,
         "model": {"path": str(model_dir.resolve()), "fingerprint": fingerprint[0],
-                  "fingerprint_method": fingerprint[1], "tokenizer_sha256": sha256_file(tokenizer.path),
+                  "fingerprint_method": fingerprint[1], "tokenizer_sha256": tokenizer.sha256,
                   "parameters": config.num_parameters(),
                   "config": {"vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
                              "num_layers": config.num_layers}},

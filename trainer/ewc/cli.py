@@ -87,17 +87,6 @@ def _data_sha256(files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _load_sp(path: Path):
-    import sentencepiece as spm
-
-    if not path.is_file():
-        raise UserError(f"{path}: tokenizer not found; give --tokenizer (the SentencePiece tokenizer.model)")
-    try:
-        return spm.SentencePieceProcessor(model_file=str(path))
-    except (RuntimeError, OSError) as exc:
-        raise UserError(f"{path}: not a SentencePiece model ({exc})") from None
-
-
 def run_fisher(args: argparse.Namespace) -> int:
     created_group = not dist.is_initialized()
     try:
@@ -108,6 +97,7 @@ def run_fisher(args: argparse.Namespace) -> int:
 
 
 def _fisher(args: argparse.Namespace) -> int:
+    from trainer.data.tokenize import read_sentencepiece
     from trainer.distributed import init_distributed
     from trainer.hf import HFCheckpoint
     from trainer.benchmarks import mmlu_files, read_mmlu
@@ -128,7 +118,7 @@ def _fisher(args: argparse.Namespace) -> int:
     meta: dict[str, object] = {}
     if args.format == "mmlu":
         template = load_template(args.prompt_template) if args.prompt_template else DEFAULT_MMLU_TEMPLATE
-        sp = _load_sp(tokenizer)
+        sp, _ = read_sentencepiece(tokenizer)
         items = read_mmlu(data)
         order = np.random.default_rng(args.seed).permutation(len(items))
         items = [items[i] for i in order]
@@ -155,8 +145,6 @@ def _fisher(args: argparse.Namespace) -> int:
                          f"loss: cross entropy of the answer letter)")
     else:
         seq_len = args.seq_len or 2048
-        if not tokenizer.is_file():
-            raise UserError(f"{tokenizer}: tokenizer not found; give --tokenizer (the SentencePiece tokenizer.model)")
         rows, files = text_rows(data, tokenizer=tokenizer, seq_len=seq_len, text_field=args.text_field,
                                 pad_id=config.pad_token_id, max_rows=args.max_samples)
         top = int(rows["input_ids"].max())
