@@ -1,4 +1,5 @@
-"""Process-group setup shared by every command that may run under torchrun (train, fisher, eval)."""
+"""Process-group setup shared by every command that may run under torchrun (train, fisher, eval), and which part
+of a sharded (DTensor) parameter this rank holds."""
 
 from __future__ import annotations
 
@@ -52,3 +53,31 @@ def init_distributed(device: str = "auto") -> DistributedEnv:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return DistributedEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def local_index(param) -> tuple[slice, ...]:
+    """The index of this rank's part of a DTensor parameter within the full tensor (all of it for a plain one).
+
+    Shard(d) on a mesh dimension of size n gives rank r the r-th torch.chunk of dim d (as FSDP2 shards): chunks of
+    ceil(size/n), the last one shorter and trailing ones empty; Replicate keeps the whole dimension. Reading
+    `full[local_index(p)]` (or a safetensors slice with it) gives exactly `p.to_local()`'s shape.
+    """
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not isinstance(param, DTensor):
+        return tuple(slice(0, n) for n in param.shape)
+    ranges = [[0, n] for n in param.shape]
+    for mesh_dim, placement in enumerate(param.placements):
+        if isinstance(placement, Replicate):
+            continue
+        if type(placement) is not Shard:  # e.g. _StridedShard (FSDP over tensor parallel): not contiguous rows
+            raise ValueError(f"placement {placement} is not supported (only Shard and Replicate)")
+        start, stop = ranges[placement.dim]
+        parts = param.device_mesh.size(mesh_dim)
+        chunk = -(-(stop - start) // parts)
+        lo = min(start + param.device_mesh.get_local_rank(mesh_dim) * chunk, stop)
+        ranges[placement.dim] = [lo, min(lo + chunk, stop)]
+    index = tuple(slice(a, b) for a, b in ranges)
+    expected = tuple(b - a for a, b in ranges)
+    assert expected == tuple(param.to_local().shape), (expected, tuple(param.to_local().shape))
+    return index

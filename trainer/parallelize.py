@@ -22,6 +22,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from trainer.config import ParallelConfig
+from trainer.distributed import local_index
 from trainer.errors import UserError
 from trainer.hf import HFCheckpoint, to_hf_name
 from trainer.model import Gemma2
@@ -62,18 +63,6 @@ def parallelize(model: Gemma2, config: ParallelConfig, *, mesh: DeviceMesh) -> G
     return model
 
 
-def local_rows(param: torch.Tensor) -> slice | None:
-    """Rows [start, stop) of the full parameter held by this rank (None: the whole tensor)."""
-    if not isinstance(param, DTensor):
-        return None
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    for dim in range(1, param.dim()):
-        assert shape[dim] == param.shape[dim], "only dim-0 sharding is expected (FSDP2)"
-    return slice(offset[0], offset[0] + shape[0]) if param.dim() else None
-
-
 def _local(param: torch.Tensor) -> torch.Tensor:
     return param.to_local() if isinstance(param, DTensor) else param
 
@@ -100,15 +89,14 @@ def materialize(model: Gemma2, *, device: torch.device | str, pretrained: str | 
             raise UserError(f"{pretrained}: {len(missing)} parameter(s) missing from the checkpoint, e.g. "
                             f"{missing[:3]}")
     for name, param in model.named_parameters():
-        rows = local_rows(param)
+        index = local_index(param)
         if checkpoint is not None:
             shape = checkpoint.shape(to_hf_name(name))
             if shape != tuple(param.shape):
                 raise UserError(f"{pretrained}: tensor {to_hf_name(name)!r} has shape {shape}, config.json "
                                 f"implies {tuple(param.shape)}")
-            value = checkpoint.read(to_hf_name(name), rows=rows)
+            value = checkpoint.read(to_hf_name(name), index=index)
         else:
-            full = initial_value(name, param.shape, seed=seed)
-            value = full if rows is None else full[rows]
+            value = initial_value(name, param.shape, seed=seed)[index]
         _local(param).copy_(value)
     return model

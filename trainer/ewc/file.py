@@ -7,11 +7,10 @@ name order, then the header is rewritten in place with the anchor's hash, which 
 file appears atomically under its final name (fileio.atomic_path) or not at all.
 
 Reading into a sharded model reads only this rank's slice of each tensor (safetensors slicing, the rows FSDP2's
-Shard(0) gives this rank: torch.chunk semantics, uneven last shard, possibly empty) and returns DTensors placed
-like the parameters. Validation on load: every parameter present, shapes equal, Fisher finite and non-negative,
-anchor finite, and the anchor equal to the weights being trained (a warning naming the largest difference, or
-an error with strict=True: training from a model other than the one the Fisher was computed for is the most
-common silent mistake).
+Shard(0) gives this rank: trainer.distributed.local_index) and returns DTensors placed like the parameters.
+Validation on load: every parameter present, shapes equal, Fisher finite and non-negative, anchor finite, and the
+anchor equal to the weights being trained (a warning naming the largest difference, or an error with strict=True:
+training from a model other than the one the Fisher was computed for is the most common silent mistake).
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 import torch.distributed as dist
 
+from trainer.distributed import local_index
 from trainer.errors import UserError
 from trainer.ewc.fisher import is_sharded, like_param, local, named_hf_parameters
 from trainer.fileio import atomic_path, sha256_file
@@ -251,33 +251,6 @@ def read_header(path: str | os.PathLike) -> EWCHeader:
     if not fisher:
         raise UserError(f"{path}: the EWC file holds no tensors")
     return EWCHeader(path, metadata, fisher, _TORCH_DTYPE[dtypes[FISHER].pop()], _TORCH_DTYPE[dtypes[ANCHOR].pop()])
-
-
-def local_index(param) -> tuple[slice, ...]:
-    """The index of this rank's part of a DTensor parameter within the full tensor (all of it for a plain one).
-
-    Shard(d) on a mesh dimension of size n gives rank r the r-th torch.chunk of dim d: chunks of ceil(size/n),
-    the last one shorter and trailing ones empty; Replicate keeps the whole dimension.
-    """
-    if not is_sharded(param):
-        return tuple(slice(0, n) for n in param.shape)
-    from torch.distributed.tensor import Replicate, Shard
-
-    ranges = [[0, n] for n in param.shape]
-    for mesh_dim, placement in enumerate(param.placements):
-        if isinstance(placement, Replicate):
-            continue
-        if type(placement) is not Shard:  # e.g. _StridedShard (FSDP over tensor parallel): not contiguous rows
-            raise ValueError(f"placement {placement} is not supported for EWC loading (only Shard and Replicate)")
-        start, stop = ranges[placement.dim]
-        parts = param.device_mesh.size(mesh_dim)
-        chunk = -(-(stop - start) // parts)
-        lo = min(start + param.device_mesh.get_local_rank(mesh_dim) * chunk, stop)
-        ranges[placement.dim] = [lo, min(lo + chunk, stop)]
-    index = tuple(slice(a, b) for a, b in ranges)
-    expected = tuple(b - a for a, b in ranges)
-    assert expected == tuple(local(param).shape), (expected, tuple(local(param).shape))
-    return index
 
 
 def _check_fisher_values(name: str, t: torch.Tensor) -> str | None:
