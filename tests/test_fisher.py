@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import random
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import random_model, rel_err, small_config
+from tests.helpers import random_model, rel_err, small_config, train_tiny_tokenizer
 from trainer.benchmarks import MCItem
 from trainer.errors import UserError
 from trainer.ewc import estimate_fisher, estimate_fisher_with_stats
@@ -145,29 +145,23 @@ def test_stats_count_samples_tokens_and_skip_unscored_batches():
 
 # ------------------------------------------------------------------------------------------------ MMLU prompts
 
-def train_tokenizer(vocab_size: int = 400) -> bytes:
+def train_prompt_tokenizer(path) -> Path:
     """A small Gemma-like SentencePiece model (no dummy prefix, newline piece, byte fallback), trained here."""
-    import sentencepiece as spm
-
     rng = random.Random(0)
     words = ("the of and to in is that for it as with was on be by this are or an at which from have not but all "
              "can more one their about water energy cell question answer following multiple choice").split()
     lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(400)]
     lines += ["The following is a multiple choice question (with answers) about physics. A. B. C. D. Answer:"] * 20
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
-                                   bos_id=2, eos_id=1, unk_id=3, pad_id=0, normalization_rule_name="identity",
-                                   remove_extra_whitespaces=False, add_dummy_prefix=False, byte_fallback=True,
-                                   user_defined_symbols=["\n"], model_type="unigram", minloglevel=2,
-                                   hard_vocab_limit=False)
-    return model.getvalue()
+    return train_tiny_tokenizer(path, lines, vocab_size=400, normalization_rule_name="identity",
+                                remove_extra_whitespaces=False, add_dummy_prefix=False, user_defined_symbols=["\n"],
+                                hard_vocab_limit=False)
 
 
 @pytest.fixture(scope="module")
-def sp():
+def sp(tmp_path_factory):
     import sentencepiece as spm
 
-    return spm.SentencePieceProcessor(model_proto=train_tokenizer())
+    return spm.SentencePieceProcessor(model_file=str(train_prompt_tokenizer(tmp_path_factory.mktemp("sp") / "t.model")))
 
 
 ITEM = MCItem("What is the boiling point of water at sea level?", ("50 C", "100 C", "150 C", "200 C"), 1,
