@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 
+from trainer.dtypes import DTYPES, dtype_name
 from trainer.errors import UserError
 from trainer.fileio import atomic_path
 
@@ -26,9 +27,6 @@ TIED_HEAD = "lm_head.weight"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 ACTIVATION = "gelu_pytorch_tanh"
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
-                torch.float64: "float64"}
 
 
 def to_hf_name(name: str) -> str:
@@ -117,7 +115,7 @@ def config_to_hf(config, *, dtype: torch.dtype = torch.bfloat16) -> dict:
         "eos_token_id": c.eos_token_id,
         "pad_token_id": c.pad_token_id,
         "use_cache": True,
-        "torch_dtype": _DTYPE_NAMES.get(dtype, "float32"),
+        "torch_dtype": dtype_name(dtype) if dtype in DTYPES.values() else "float32",
     }
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from kernels import ewc_adamw as K
+from trainer.dtypes import dtype_name
 from trainer.errors import UserError
 
 try:
@@ -126,7 +127,7 @@ def _all_reduce(local: Tensor, key) -> Tensor:
 
 def _tensor_summary(t: Tensor) -> str:
     kind = f"DTensor {tuple(t.placements)}" if _is_dtensor(t) else "tensor"
-    return f"{kind} of shape {tuple(t.shape)}, {str(t.dtype).removeprefix('torch.')} on {t.device}"
+    return f"{kind} of shape {tuple(t.shape)}, {dtype_name(t.dtype)} on {t.device}"
 
 
 # ---------------------------------------------------------------------------------------------------- optimizer
@@ -247,7 +248,7 @@ class EWCAdamW(torch.optim.Optimizer):
                             f"{tuple(p_local.shape)} ({_tensor_summary(p)})")
         allowed = (torch.float64,) if p_local.dtype == torch.float64 else K.EWC_DTYPES
         if t.dtype not in allowed:
-            raise UserError(f"parameter {i}: {name} is {str(t.dtype).removeprefix('torch.')}; use float32 or "
+            raise UserError(f"parameter {i}: {name} is {dtype_name(t.dtype)}; use float32 or "
                             f"bfloat16 (float64 for float64 parameters), e.g. .to(torch.bfloat16)")
         if t.device != p_local.device:
             raise UserError(f"parameter {i}: {name} is on {t.device}, the parameter on {p_local.device}")
@@ -321,7 +322,7 @@ class EWCAdamW(torch.optim.Optimizer):
     def _check_param(self, i: int, p: Tensor, state: dict) -> None:
         local = _local(p)
         if local.dtype not in (torch.float32, torch.float64):
-            raise UserError(f"parameter {i} is {str(local.dtype).removeprefix('torch.')}; EWCAdamW keeps float32 "
+            raise UserError(f"parameter {i} is {dtype_name(local.dtype)}; EWCAdamW keeps float32 "
                             f"(or float64) master parameters: build the model in float32")
         if not local.is_contiguous():
             raise UserError(f"parameter {i} ({_tensor_summary(p)}) is not contiguous")

@@ -23,11 +23,10 @@ from torch.distributed.tensor import DTensor
 
 from trainer.config import ParallelConfig
 from trainer.distributed import local_index
+from trainer.dtypes import DTYPES
 from trainer.errors import UserError
 from trainer.hf import HFCheckpoint, to_hf_name
 from trainer.model import Gemma2
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def build_mesh(config: ParallelConfig, *, device_type: str) -> DeviceMesh:
@@ -53,9 +52,9 @@ def parallelize(model: Gemma2, config: ParallelConfig, *, mesh: DeviceMesh) -> G
     if config.compile:
         for layer in model.layers:
             layer.compile()
-    param_dtype = _DTYPES[config.param_dtype]
+    param_dtype = DTYPES[config.param_dtype]
     policy = MixedPrecisionPolicy(param_dtype=None if param_dtype == torch.float32 else param_dtype,
-                                  reduce_dtype=_DTYPES[config.reduce_dtype])
+                                  reduce_dtype=DTYPES[config.reduce_dtype])
     for i, layer in enumerate(model.layers):
         # The last block's parameters are needed again at once by backward: keep them gathered.
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=i < n - 1)

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from trainer.dtypes import DTYPES, compute_dtype, dtype_name
 from trainer.errors import UserError
 from trainer.ewc.batches import encode_mmlu, prompt_batches, row_batches, text_rows
-from trainer.ewc.file import DTYPES, NORMALIZE_MODES, merge_ewc, normalize_fisher_, write_ewc
+from trainer.ewc.file import NORMALIZE_MODES, merge_ewc, normalize_fisher_, write_ewc
 from trainer.ewc.fisher import ESTIMATORS, estimate_fisher_with_stats, named_hf_parameters
 from trainer.fileio import sha256_file
 
@@ -111,8 +112,8 @@ def _fisher(args: argparse.Namespace) -> int:
     # One code path for 1 and N ranks (as training): a process group always, the model always FSDP2-sharded.
     env = init_distributed(args.device)
     rank, world, device = env.rank, env.world_size, env.device
-    compute_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    compute = DTYPES[compute_name]
+    compute = compute_dtype(args.dtype, device)
+    compute_name = dtype_name(compute)
     tokenizer = Path(args.tokenizer) if args.tokenizer else Path(args.model) / "tokenizer.model"
     data = Path(args.data)
     meta: dict[str, object] = {}

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.distributed import local_index
+from trainer.dtypes import dtype_name
 from trainer.errors import UserError
 from trainer.ewc.fisher import is_sharded, like_param, local, named_hf_parameters
 from trainer.fileio import atomic_path, sha256_file
@@ -41,12 +42,7 @@ NORMALIZE_MODES = ("none", "mean", "max")
 
 _ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 _TORCH_DTYPE = {v: k for k, v in _ST_DTYPE.items()}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 _HEADER_SLACK = 1024  # bytes reserved for metadata that is only known after the tensors are written
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # ----------------------------------------------------------------------------------------------- streaming write

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.dtypes import dtype_name
 from trainer.errors import UserError
 from trainer.ewc.file import write_ewc
 from trainer.fileio import sha256_file
@@ -166,7 +167,7 @@ def import_legacy(path: str | os.PathLike, out: str | os.PathLike, *, inf_cap: f
         "source": str(path), "parameters": len(fisher), "entries": entries, "inf_cap": inf_cap,
         "capped_infinities": capped_total, "capped_fraction": capped_total / entries if entries else 0.0,
         "capped_by_parameter": [{"name": n, "count": c} for c, n in per_param[:10]],
-        "fisher_source_dtype": str(next(iter(fisher.values())).dtype).removeprefix("torch."),
+        "fisher_source_dtype": dtype_name(next(iter(fisher.values())).dtype),
         "notes": notes,
     }
     metadata = {
