@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from bench.common import format_table, machine_info
+from trainer.distributed import local_tensor
 
 EWC_STEP_MARK = "ewc_adamw_step"
 
@@ -38,7 +39,7 @@ def optimizer_bytes_per_step(optimizer) -> int:
     total = 0
     for group in optimizer.param_groups:
         for p in group["params"]:
-            local = p.to_local() if hasattr(p, "to_local") else p
+            local = local_tensor(p)
             per = 7 * local.element_size()
             ewc = optimizer._ewc.get(p) if optimizer.ewc_lambda else None
             if ewc is not None:

@@ -1,5 +1,5 @@
-"""Process-group setup shared by every command that may run under torchrun (train, fisher, eval), and which part
-of a sharded (DTensor) parameter this rank holds."""
+"""Process-group setup shared by every command that may run under torchrun (train, fisher, eval), and a rank's part
+of a sharded (DTensor) parameter: the local tensor, where it lies in the full tensor, wrapping a shard back."""
 
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ import torch
 import torch.distributed as dist
 
 from trainer.errors import UserError
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # a torch build without distributed support
+    DTensor = Replicate = Shard = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,24 @@ def init_distributed(device: str = "auto") -> DistributedEnv:
     return DistributedEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
 
+def is_dtensor(tensor) -> bool:
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor, or the tensor itself. Under no_grad DTensor.to_local() returns the local
+    shard itself (no copy): writes to it land in the parameter."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def like_param(value: torch.Tensor, param) -> torch.Tensor:
+    """Wrap a local shard as a DTensor placed exactly like `param` (or return it for a plain parameter)."""
+    if not is_dtensor(param):
+        return value
+    return DTensor.from_local(value, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())
+
+
 def local_index(param) -> tuple[slice, ...]:
     """The index of this rank's part of a DTensor parameter within the full tensor (all of it for a plain one).
 
@@ -62,9 +85,7 @@ def local_index(param) -> tuple[slice, ...]:
     ceil(size/n), the last one shorter and trailing ones empty; Replicate keeps the whole dimension. Reading
     `full[local_index(p)]` (or a safetensors slice with it) gives exactly `p.to_local()`'s shape.
     """
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
-    if not isinstance(param, DTensor):
+    if not is_dtensor(param):
         return tuple(slice(0, n) for n in param.shape)
     ranges = [[0, n] for n in param.shape]
     for mesh_dim, placement in enumerate(param.placements):

@@ -19,10 +19,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from trainer.config import ParallelConfig
-from trainer.distributed import local_index
+from trainer.distributed import local_index, local_tensor
 from trainer.dtypes import DTYPES
 from trainer.errors import UserError
 from trainer.hf import HFCheckpoint, to_hf_name
@@ -62,10 +61,6 @@ def parallelize(model: Gemma2, config: ParallelConfig, *, mesh: DeviceMesh) -> G
     return model
 
 
-def _local(param: torch.Tensor) -> torch.Tensor:
-    return param.to_local() if isinstance(param, DTensor) else param
-
-
 def initial_value(name: str, shape: torch.Size, *, seed: int, std: float = 0.02) -> torch.Tensor:
     """The seeded initial value of one full parameter: independent of sharding and of the other parameters."""
     if name.endswith("norm.weight"):
@@ -97,5 +92,5 @@ def materialize(model: Gemma2, *, device: torch.device | str, pretrained: str | 
             value = checkpoint.read(to_hf_name(name), index=index)
         else:
             value = initial_value(name, param.shape, seed=seed)[index]
-        _local(param).copy_(value)
+        local_tensor(param).copy_(value)
     return model
