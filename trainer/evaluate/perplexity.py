@@ -87,7 +87,7 @@ def read_perplexity_input(path: str | os.PathLike, tokenizer: Tokenizer, *, text
     """A corpus file or folder (.jsonl/.json/.parquet/.txt, .gz), or a token store made with this tokenizer."""
     from trainer.data.readers import ReadStats, expand_inputs, read_documents
     from trainer.data.store import MANIFEST, TokenStore
-    from trainer.evaluate.runner import files_sha256
+    from trainer.fileio import files_sha256
 
     path = Path(path)
     if path.is_dir() and (path / MANIFEST).is_file():

@@ -10,9 +10,7 @@ file, gathering one tensor at a time.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from trainer.errors import UserError
 from trainer.ewc.batches import encode_mmlu, prompt_batches, row_batches, text_rows
 from trainer.ewc.file import NORMALIZE_MODES, merge_ewc, normalize_fisher_, write_ewc
 from trainer.ewc.fisher import ESTIMATORS, estimate_fisher_with_stats, named_hf_parameters
-from trainer.fileio import sha256_file
+from trainer.fileio import files_sha256, sha256_file
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -76,16 +74,6 @@ def load_sharded(path, *, device: torch.device, compute_dtype: str, attention_ba
         model = Gemma2(HFCheckpoint(path).config, attention_backend=attention_backend)
     parallelize(model, config, mesh=build_mesh(config, device_type=device.type))
     return materialize(model, device=device, pretrained=path)
-
-
-def _data_sha256(files: list[Path]) -> str:
-    if len(files) == 1:
-        return sha256_file(files[0])
-    h = hashlib.sha256()
-    root = Path(os.path.commonpath([str(f) for f in files]))
-    for f in files:
-        h.update(f"{f.relative_to(root)}\0{sha256_file(f)}\n".encode())
-    return h.hexdigest()
 
 
 def run_fisher(args: argparse.Namespace) -> int:
@@ -163,7 +151,7 @@ def _fisher(args: argparse.Namespace) -> int:
     divisor = normalize_fisher_(fisher, args.normalize)
     meta.update(estimator=args.estimator, samples=stats.samples, batches=stats.batches, batch_size=args.batch_size,
                 scored_tokens=stats.scored_tokens, skipped_batches=stats.skipped_batches,
-                data_sha256=_data_sha256(files), fisher_normalize=args.normalize, fisher_divisor=repr(divisor),
+                data_sha256=files_sha256(files), fisher_normalize=args.normalize, fisher_divisor=repr(divisor),
                 compute_dtype=compute_name, seed=args.seed,
                 model=str(Path(args.model).resolve()), world_size=world, tokenizer_sha256=sha256_file(tokenizer))
     anchors = dict(named_hf_parameters(model))
