@@ -125,6 +125,13 @@ def _hf_step(model, batch: dict, *, device, dtype, ewc: bool, lam: float):
 
 
 def run(args: argparse.Namespace) -> int:
+    from trainer.distributed import process_group_scope
+
+    with process_group_scope():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from trainer.distributed import init_distributed
 
     env = init_distributed(args.device)
@@ -199,8 +206,4 @@ def run(args: argparse.Namespace) -> int:
                               "speedup_vs_transformers", "ewc_overhead", "error"]))
     if args.out:
         write_results(args.out, result)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return 0

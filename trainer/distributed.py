@@ -3,9 +3,11 @@ of a sharded (DTensor) parameter: the local tensor, where it lies in the full te
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -30,7 +32,8 @@ class DistributedEnv:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now (for MASTER_PORT)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -53,11 +56,23 @@ def init_distributed(device: str = "auto") -> DistributedEnv:
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         dist.init_process_group("nccl" if use_cuda else "gloo")
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return DistributedEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+@contextlib.contextmanager
+def process_group_scope() -> Iterator[None]:
+    """Destroy, on leaving, the process group that the code inside created (init_distributed), so that a command
+    run in-process (tests, the demo) leaves none behind; a group that existed before is left alone."""
+    created = not dist.is_initialized()
+    try:
+        yield
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def is_dtensor(tensor) -> bool:

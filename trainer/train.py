@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import TrainConfig, load_config, to_toml
+from trainer.distributed import process_group_scope
 from trainer.dtypes import DTYPES
 from trainer.errors import UserError
 from trainer.fileio import atomic_path, sha256_file
@@ -387,11 +388,8 @@ def configure_train(p: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    try:
+    with process_group_scope():
         summary = train(config, run_dir, stop_after=args.stop_after)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     if summary.losses:
         print(f"trained steps {summary.first_step + 1}..{summary.last_step}, final loss {summary.losses[-1]:.4f}, "
               f"checkpoint {summary.checkpoint}")

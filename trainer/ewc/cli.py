@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from trainer.distributed import process_group_scope
 from trainer.dtypes import DTYPES, compute_dtype, dtype_name
 from trainer.errors import UserError
 from trainer.ewc.batches import encode_mmlu, prompt_batches, row_batches, text_rows
@@ -77,12 +77,8 @@ def load_sharded(path, *, device: torch.device, compute_dtype: str, attention_ba
 
 
 def run_fisher(args: argparse.Namespace) -> int:
-    created_group = not dist.is_initialized()
-    try:
+    with process_group_scope():
         return _fisher(args)
-    finally:
-        if created_group and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _fisher(args: argparse.Namespace) -> int:
