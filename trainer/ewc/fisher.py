@@ -39,6 +39,7 @@ import torch.distributed as dist
 from kernels.linear_cross_entropy import default_chunk_rows, linear_cross_entropy
 from trainer.distributed import is_dtensor, like_param, local_tensor
 from trainer.errors import UserError
+from trainer.hf import to_hf_name
 
 IGNORE_INDEX = -100
 ESTIMATORS = ("empirical", "sampled")
@@ -50,7 +51,7 @@ def hf_param_name(name: str) -> str:
     """Our parameter name (maybe wrapped) -> Hugging Face name (`model.layers.0...`)."""
     for part in _WRAPPER_PARTS:
         name = name.replace(part, "")
-    return "model." + name
+    return to_hf_name(name)
 
 
 def named_hf_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
