@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -115,6 +115,19 @@ def _all_reduce(local: Tensor, key) -> Tensor:
     mesh, dims = key
     placements = [Partial() if i in dims else Replicate() for i in range(mesh.ndim)]
     return DTensor.from_local(local, mesh, placements, run_check=False).full_tensor()
+
+
+def _sum_reduced(parts: Iterable[tuple[object, Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """(sum of a, sum of b) over (reduce key, a, b), each all-reduced over its key's ranks (collectives, in order);
+    float64 zeros when there are none."""
+    first = second = None
+    for key, a, b in parts:
+        a, b = _all_reduce(a, key), _all_reduce(b, key)
+        first = a if first is None else first + a
+        second = b if second is None else second + b
+    if first is None:
+        first = second = torch.zeros((), dtype=torch.float64)
+    return first, second
 
 
 def _tensor_summary(t: Tensor) -> str:
@@ -407,13 +420,8 @@ class EWCAdamW(torch.optim.Optimizer):
                                                   backend=self._backend_for(part.dtype), check_grads=False)
                 acc = by_key.setdefault(part.reduce_key, [])
                 acc += [gsq, tsq]
-        grad_sq = total_sq = None
-        for key, sums in by_key.items():
-            gsq, tsq = _all_reduce(torch.stack(sums[0::2]).sum(), key), _all_reduce(torch.stack(sums[1::2]).sum(), key)
-            grad_sq = gsq if grad_sq is None else grad_sq + gsq
-            total_sq = tsq if total_sq is None else total_sq + tsq
-        if grad_sq is None:
-            grad_sq = total_sq = torch.zeros((), dtype=torch.float64)
+        grad_sq, total_sq = _sum_reduced((key, torch.stack(sums[0::2]).sum(), torch.stack(sums[1::2]).sum())
+                                         for key, sums in by_key.items())
         task_norm = grad_sq.sqrt()
         total_norm = total_sq.sqrt() if mode == "total" else None
         self._clip = None
@@ -468,14 +476,7 @@ class EWCAdamW(torch.optim.Optimizer):
 
     def _reduced_last(self) -> tuple[Tensor, Tensor]:
         if self._last_reduced is None:
-            pen = sq = None
-            for key, p, s in self._last_local:
-                p, s = _all_reduce(p, key), _all_reduce(s, key)
-                pen = p if pen is None else pen + p
-                sq = s if sq is None else sq + s
-            if pen is None:
-                pen = sq = torch.zeros((), dtype=torch.float64)
-            self._last_reduced = (pen, sq)
+            self._last_reduced = _sum_reduced(self._last_local)
         return self._last_reduced
 
     @property
