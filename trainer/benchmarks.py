@@ -26,8 +26,8 @@ from trainer.errors import UserError
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-MMLU_FIELDS = "question, choice0..choice3, answer (CSV; MMLU's header-less CSV too) or question, choices[], " \
-              "answer[, subject] (Hugging Face)"
+MMLU_FIELDS = ("question, choice0..choice3, answer (CSV; MMLU's header-less CSV too) or question, choices[], "
+               "answer[, subject] (Hugging Face)")
 
 
 class ItemError(ValueError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -13,11 +14,6 @@ import torch
 import torch.distributed as dist
 
 from trainer.errors import UserError
-
-try:
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # a torch build without distributed support
-    DTensor = Replicate = Shard = None
 
 
 @dataclass(frozen=True)
@@ -76,7 +72,10 @@ def process_group_scope() -> Iterator[None]:
 
 
 def is_dtensor(tensor) -> bool:
-    return DTensor is not None and isinstance(tensor, DTensor)
+    # No tensor is a DTensor before torch.distributed.tensor is imported (by FSDP2, or by whoever makes one), so
+    # light commands need not import it (0.6 s).
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -89,6 +88,8 @@ def like_param(value: torch.Tensor, param) -> torch.Tensor:
     """Wrap a local shard as a DTensor placed exactly like `param` (or return it for a plain parameter)."""
     if not is_dtensor(param):
         return value
+    from torch.distributed.tensor import DTensor
+
     return DTensor.from_local(value, param.device_mesh, param.placements, run_check=False, shape=param.shape,
                               stride=param.stride())
 
@@ -102,6 +103,8 @@ def local_index(param) -> tuple[slice, ...]:
     """
     if not is_dtensor(param):
         return tuple(slice(0, n) for n in param.shape)
+    from torch.distributed.tensor import Replicate, Shard
+
     ranges = [[0, n] for n in param.shape]
     for mesh_dim, placement in enumerate(param.placements):
         if isinstance(placement, Replicate):
