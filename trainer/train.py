@@ -447,7 +447,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: torch.d
 def configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a step directory, or a run directory (its newest complete checkpoint)")
     p.add_argument("--out", required=True, help="the Hugging Face Gemma2 directory to write")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="weight dtype (default bfloat16)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="weight dtype (default bfloat16)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model to include (default: the run's data.tokenizer)")
 
 

@@ -19,9 +19,10 @@ An item that cannot be scored (a missing field, an answer index out of range, a 
 context) is skipped and reported with its reason, never scored as wrong or right.
 
 Files: .jsonl, .json (a list of objects), .csv, .parquet; or a directory of them (MMLU's one file per subject,
-e.g. mmlu/test/, each file a subtask), read by trainer.benchmarks (the reader the Fisher's MMLU uses too). Few-shot examples (`num_fewshot`) come from a given file or from the
-matching dev/train file next to the test file (mmlu/test/x_test.csv -> mmlu/dev/x_dev.csv), first n in file order
-(lm-eval's first_n sampler), and for MMLU from the same subject.
+e.g. mmlu/test/, each file a subtask), read by trainer.benchmarks (the reader the Fisher's MMLU uses too).
+Few-shot examples (`num_fewshot`) come from a given file or from the matching dev/train file next to the test file
+(mmlu/test/x_test.csv -> mmlu/dev/x_dev.csv), first n in file order (lm-eval's first_n sampler), and for MMLU from
+the same subject.
 
 The MMLU prompt here is lm-eval's (`mmlu_prompt`); the Fisher's MMLU prompt is the reference study's
 (trainer.prompts).
