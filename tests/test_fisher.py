@@ -161,7 +161,8 @@ def train_prompt_tokenizer(path) -> Path:
 def sp(tmp_path_factory):
     import sentencepiece as spm
 
-    return spm.SentencePieceProcessor(model_file=str(train_prompt_tokenizer(tmp_path_factory.mktemp("sp") / "t.model")))
+    path = train_prompt_tokenizer(tmp_path_factory.mktemp("sp") / "tokenizer.model")
+    return spm.SentencePieceProcessor(model_file=str(path))
 
 
 ITEM = MCItem("What is the boiling point of water at sea level?", ("50 C", "100 C", "150 C", "200 C"), 1,
