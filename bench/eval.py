@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 
 from bench.common import REPO_ROOT, device_name, format_table, machine_info, synchronize, write_results
-from trainer.evaluate import tasks as T
 from trainer.data.readers import read_documents
+from trainer.dtypes import compute_dtype, dtype_name
+from trainer.evaluate import tasks as T
 from trainer.evaluate.perplexity import perplexity_of_texts
 from trainer.evaluate.scoring import ScoringOptions, Tokenizer, encode_requests, loglikelihood
 from trainer.hf import load_pretrained, save_pretrained
@@ -127,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = compute_dtype(args.dtype, device)
     cuda = device.type == "cuda"
     options = ScoringOptions(row_tokens=args.row_tokens or (4096 if cuda else 128),
                              batch_rows=args.batch_rows, fixed_shape=cuda)
@@ -173,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
                      "tokens/s": res.tokens / seconds, "scored tokens/s": res.tokens / seconds, "seconds": seconds})
     columns = ["workload", "method", "choices/s", "tokens/s", "scored tokens/s", "seconds", "speedup",
                "max |Δll| vs ours"]
-    print(f"preset {args.preset}, {device}, {str(dtype).removeprefix('torch.')}, torch threads "
+    print(f"preset {args.preset}, {device}, {dtype_name(dtype)}, torch threads "
           f"{torch.get_num_threads()}; speedup = time of the last anchor / time of the method")
     print(format_table(rows, columns))
     out = Path(args.out) if args.out else REPO_ROOT / "bench" / "results" / f"eval-{device_name(device)}.json"

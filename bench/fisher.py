@@ -23,11 +23,10 @@ import time
 import torch
 
 from bench.common import format_table, machine_info, time_fn, write_results
-from bench.model import packed_batch
+from bench.model import COMPUTE_DTYPES, packed_batch
+from trainer.dtypes import compute_dtype
 from trainer.ewc import estimate_fisher
 from trainer.model import Gemma2, Gemma2Config
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -38,7 +37,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", type=int, default=3, help="mini-batches per timed call")
     p.add_argument("--repeat", type=int, default=5, help="interleaved timed rounds (after one warm-up)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default=None,
                    help="compute dtype (parameters stay float32); default bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--attention", default="auto", help="attention backend: auto, eager, flex, flash")
     p.add_argument("--clock", choices=("wall", "cpu"), default=None,
@@ -71,7 +70,7 @@ def make_batch(config: Gemma2Config, args, *, device, mmlu_like: bool) -> dict[s
 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
-    compute = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    compute = compute_dtype(args.dtype, device)
     clock = args.clock or ("wall" if device.type == "cuda" else "cpu")
     if args.threads or clock == "cpu":
         torch.set_num_threads(args.threads or 1)

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 
 from bench.common import format_table, machine_info, time_fn, write_results
 from trainer.attention import resolve_backend
+from trainer.dtypes import compute_dtype
 from trainer.flops import device_peak_flops, training_flops_per_token
 from trainer.model import Gemma2, Gemma2Config
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+COMPUTE_DTYPES = ("bfloat16", "float32")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -28,7 +29,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--attention", default="auto", help="attention backend: auto, eager, flex, flash")
     p.add_argument("--mean-doc-len", type=int, default=1024, help="mean length of the packed documents")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
@@ -71,7 +72,7 @@ def logits_error_vs_float32(config: Gemma2Config, *, device, attention: str, dty
 
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = compute_dtype(args.dtype, device)
     config = Gemma2Config.preset(args.preset)
     torch.manual_seed(0)
     with torch.device("meta"):

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from bench.common import REPO_ROOT, copy_bandwidth, device_name, format_table, synchronize, write_results
+from trainer.dtypes import DTYPES, dtype_name
 from trainer.errors import UserError
 from trainer.fileio import atomic_path
 
@@ -217,8 +218,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--variants: choose from {','.join(VARIANTS)} and include a (the anchor); got {args.variants}")
     ewc_dtypes = []
     for name in args.ewc_dtypes.split(","):
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(name.strip())
-        if dtype is None:
+        dtype = DTYPES.get(name.strip())
+        if dtype not in (torch.float32, torch.bfloat16):
             raise UserError(f"--ewc-dtypes: float32 or bfloat16, got {name!r}")
         ewc_dtypes.append(dtype)
 
@@ -233,13 +234,13 @@ def run(args: argparse.Namespace) -> int:
             fns = make_variants(ps, names, backend=args.backend)
             times = time_interleaved(fns, device=device, warmup=args.warmup, repeat=args.repeat,
                                      min_time_s=args.min_time)
-            dtype_name = str(ewc_dtype).removeprefix("torch.")
+            ewc_dtype_name = dtype_name(ewc_dtype)
             # CPU: wall time; CUDA: the GPU time of the step (see time_interleaved), wall time alongside
             t = {name: v["device" if device.type == "cuda" else "wall"] for name, v in times.items()}
             for name in names:
                 nbytes = needed_bytes(ps.numel, None if name in ("a", "d0") else ewc_dtype)
                 rows.append({
-                    "elements": ps.numel, "tensors": len(shapes), "ewc_dtype": dtype_name,
+                    "elements": ps.numel, "tensors": len(shapes), "ewc_dtype": ewc_dtype_name,
                     "variant": f"({name}) {VARIANTS[name]}", "ms": t[name] * 1e3,
                     "wall_ms": times[name]["wall"] * 1e3, "x_vs_a": t[name] / t["a"],
                     # the fastest round's ratio: what an undisturbed machine would show (noisy neighbours only slow)

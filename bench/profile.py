@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from bench.common import format_table, machine_info
+from trainer.distributed import local_tensor, process_group_scope
 
 EWC_STEP_MARK = "ewc_adamw_step"
 
@@ -38,7 +39,7 @@ def optimizer_bytes_per_step(optimizer) -> int:
     total = 0
     for group in optimizer.param_groups:
         for p in group["params"]:
-            local = p.to_local() if hasattr(p, "to_local") else p
+            local = local_tensor(p)
             per = 7 * local.element_size()
             ewc = optimizer._ewc.get(p) if optimizer.ewc_lambda else None
             if ewc is not None:
@@ -68,16 +69,13 @@ def run_profile(args: argparse.Namespace) -> int:
 
     try:
         trace = out / "trace.json"
-        with profile(activities=activities, record_shapes=False, acc_events=True,
-                     schedule=schedule(wait=0, warmup=args.warmup, active=args.steps, repeat=1),
-                     on_trace_ready=lambda p: p.export_chrome_trace(str(trace))) as prof:
+        with process_group_scope(), profile(
+                activities=activities, record_shapes=False, acc_events=True,
+                schedule=schedule(wait=0, warmup=args.warmup, active=args.steps, repeat=1),
+                on_trace_ready=lambda p: p.export_chrome_trace(str(trace))) as prof:
             train(config, scratch, stop_after=args.warmup + args.steps, save_final=False, step_hook=on_step)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
     bytes_per_step = seen.get("bytes", 0)
     rows = []
     step_us = 0.0  # time of the fused optimizer step: its Triton launches on CUDA, its CPU span on CPU

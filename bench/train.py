@@ -26,11 +26,10 @@ import statistics
 import torch
 
 from bench.common import format_table, machine_info, time_fn, write_results
-from bench.model import packed_batch
+from bench.model import COMPUTE_DTYPES, packed_batch
+from trainer.dtypes import compute_dtype
 from trainer.flops import batch_flops_per_token, device_peak_flops, training_flops_per_token
 from trainer.model import Gemma2Config
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -38,7 +37,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=1, help="rows per step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="compute dtype (default bf16 on CUDA)")
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default=None, help="compute dtype (default bf16 on CUDA)")
     p.add_argument("--attention", default="auto", help="our attention backend (auto: flex on CUDA, eager on CPU)")
     p.add_argument("--mean-doc-len", type=int, default=1024)
     p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="EWC strength for the EWC-on runs")
@@ -126,11 +125,18 @@ def _hf_step(model, batch: dict, *, device, dtype, ewc: bool, lam: float):
 
 
 def run(args: argparse.Namespace) -> int:
+    from trainer.distributed import process_group_scope
+
+    with process_group_scope():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from trainer.distributed import init_distributed
 
     env = init_distributed(args.device)
     device = env.device
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = compute_dtype(args.dtype, device)
     config = Gemma2Config.preset(args.preset)
     ids, pos, _ = packed_batch(args.batch_size, args.seq_len, config.vocab_size, args.mean_doc_len, device="cpu")
     labels = torch.roll(ids, -1, dims=1)
@@ -200,8 +206,4 @@ def run(args: argparse.Namespace) -> int:
                               "speedup_vs_transformers", "ewc_overhead", "error"]))
     if args.out:
         write_results(args.out, result)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return 0

@@ -722,6 +722,34 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     return backend
 
 
+def _sum_over_groups(groups: Sequence[TensorGroup], grads: Sequence[Tensor], *, backend: str, check_grads: bool,
+                     on_triton, on_cpp, on_torch) -> tuple[Tensor, Tensor]:
+    """Run the backend's function on each group (`on_cpp` also gets the compiled module; "cpp" falls back to
+    `on_torch` where it cannot be built) and sum the two 0-dim results over the groups (float64 zeros if none)."""
+    first = second = None
+    mod = None
+    for g in groups:
+        device = g.params[0].device
+        _check_device(backend, device)
+        gg = group_grads(g, grads, check=check_grads)
+        if backend == "cpp" and mod is None:
+            mod = cpp_extension()
+        if backend == "triton":
+            a, b = on_triton(g, gg)
+        elif backend == "cpp" and mod is not None:
+            a, b = on_cpp(mod, g, gg)
+        elif backend in ("cpp", "torch"):
+            a, b = on_torch(g, gg)
+        else:
+            raise ValueError(f"ewc_adamw: unknown backend {backend!r}; choose triton, cpp or torch")
+        a, b = a.to(device), b.to(device)
+        first = a if first is None else first + a
+        second = b if second is None else second + b
+    if first is None:
+        first = second = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
+    return first, second
+
+
 def step_groups(groups: Sequence[TensorGroup], grads: Sequence[Tensor], *, ewc_lambda: float, lr: float,
                 betas: tuple[float, float], eps: float, weight_decay: float, step: int,
                 grad_scale: float | Tensor | None = None, clip_mode: str = "task", backend: str,
@@ -731,56 +759,22 @@ def step_groups(groups: Sequence[TensorGroup], grads: Sequence[Tensor], *, ewc_l
         raise ValueError(f"ewc_adamw: clip_mode must be 'task' or 'total', got {clip_mode!r}")
     c = _Coeffs.make(ewc_lambda=ewc_lambda, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, step=step)
     clip_total = clip_mode == "total"
-    penalty = ewc_sq = None
-    mod = None
-    for g in groups:
-        device = g.params[0].device
-        _check_device(backend, device)
-        gg = group_grads(g, grads, check=check_grads)
-        if backend == "cpp" and mod is None:
-            mod = cpp_extension()
-        if backend == "triton":
-            pen, sq = _step_triton(g, gg, c, grad_scale, clip_total, block)
-        elif backend == "cpp" and mod is not None:
-            pen, sq = _step_cpp(mod, g, gg, c, grad_scale, clip_total)
-        elif backend in ("cpp", "torch"):
-            pen, sq = _step_torch(g, gg, c, grad_scale, clip_total)
-        else:
-            raise ValueError(f"ewc_adamw: unknown backend {backend!r}; choose triton, cpp or torch")
-        pen, sq = pen.to(device), sq.to(device)
-        penalty = pen if penalty is None else penalty + pen
-        ewc_sq = sq if ewc_sq is None else ewc_sq + sq
-    if penalty is None:
-        penalty = ewc_sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
-    return penalty, ewc_sq
+    return _sum_over_groups(
+        groups, grads, backend=backend, check_grads=check_grads,
+        on_triton=lambda g, gg: _step_triton(g, gg, c, grad_scale, clip_total, block),
+        on_cpp=lambda mod, g, gg: _step_cpp(mod, g, gg, c, grad_scale, clip_total),
+        on_torch=lambda g, gg: _step_torch(g, gg, c, grad_scale, clip_total))
 
 
 def grad_sq_norms_groups(groups: Sequence[TensorGroup], grads: Sequence[Tensor], *, ewc_lambda: float,
                          backend: str, block: int = DEFAULT_BLOCK,
                          check_grads: bool = True) -> tuple[Tensor, Tensor]:
     """ewc_grad_sq_norms on prepared groups."""
-    grad_sq = total_sq = None
-    mod = None
-    for g in groups:
-        device = g.params[0].device
-        _check_device(backend, device)
-        gg = group_grads(g, grads, check=check_grads)
-        if backend == "cpp" and mod is None:
-            mod = cpp_extension()
-        if backend == "triton":
-            gs, ts = _norms_triton(g, gg, float(ewc_lambda), block)
-        elif backend == "cpp" and mod is not None:
-            gs, ts = _norms_cpp(mod, g, gg, float(ewc_lambda))
-        elif backend in ("cpp", "torch"):
-            gs, ts = _norms_torch(g, gg, float(ewc_lambda))
-        else:
-            raise ValueError(f"ewc_adamw: unknown backend {backend!r}; choose triton, cpp or torch")
-        gs, ts = gs.to(device), ts.to(device)
-        grad_sq = gs if grad_sq is None else grad_sq + gs
-        total_sq = ts if total_sq is None else total_sq + ts
-    if grad_sq is None:
-        grad_sq = total_sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
-    return grad_sq, total_sq
+    lam = float(ewc_lambda)
+    return _sum_over_groups(groups, grads, backend=backend, check_grads=check_grads,
+                            on_triton=lambda g, gg: _norms_triton(g, gg, lam, block),
+                            on_cpp=lambda mod, g, gg: _norms_cpp(mod, g, gg, lam),
+                            on_torch=lambda g, gg: _norms_torch(g, gg, lam))
 
 
 def ewc_adamw_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 import traceback
 from pathlib import Path
@@ -19,11 +18,7 @@ from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from trainer.distributed import free_port, init_distributed
 
 
 def _entry(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple, env: dict) -> None:
@@ -37,7 +32,7 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, ar
     torch.set_num_threads(1)
     result_path = Path(out_dir) / f"rank{rank}.pkl"
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        init_distributed("cpu")  # gloo, from the environment above (as under torchrun)
         value = fn(rank, world_size, *args)
         result_path.write_bytes(pickle.dumps(("ok", value)))
     except BaseException:
@@ -50,7 +45,7 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, ar
 
 def run_distributed(fn: Callable, *, world_size: int = 2, args: tuple = (), env: dict | None = None) -> list[Any]:
     with tempfile.TemporaryDirectory() as out_dir:
-        port = _free_port()
+        port = free_port()
         try:
             mp.start_processes(_entry, args=(world_size, port, out_dir, fn, args, dict(env or {})),
                                nprocs=world_size, join=True, start_method="spawn")

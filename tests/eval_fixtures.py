@@ -3,34 +3,28 @@ saved as a Hugging Face directory with it, and lm-eval's log-likelihood rule wri
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
+import pytest
 import torch
 
-from tests.helpers import random_model, small_config
-from trainer.hf import save_pretrained
+from tests.conftest import SHARED_DATA
+from tests.helpers import random_model_dir, train_tiny_tokenizer
 
 
-def train_tokenizer(shared: Path, out: Path, *, vocab_size: int = 512) -> Path:
+def train_tokenizer(out: Path, *, vocab_size: int = 512) -> Path:
     """A byte-fallback BPE SentencePiece model with Gemma's special ids (pad 0, EOS 1, BOS 2), English + Lithuanian."""
-    import sentencepiece as spm
-
-    text = "".join((shared / "text" / name).read_text()[:60_000] for name in ("en_ewt.txt", "lt_news.txt"))
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text.splitlines()), model_writer=buffer, vocab_size=vocab_size, model_type="bpe",
-        bos_id=2, eos_id=1, unk_id=3, pad_id=0, byte_fallback=True, add_dummy_prefix=False,
-        character_coverage=0.995, split_digits=True, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", allow_whitespace_only_pieces=True, minloglevel=2)
-    out.write_bytes(buffer.getvalue())
-    return out
+    text = "".join((SHARED_DATA / "text" / name).read_text()[:60_000] for name in ("en_ewt.txt", "lt_news.txt"))
+    return train_tiny_tokenizer(out, text, vocab_size=vocab_size, model_type="bpe", add_dummy_prefix=False,
+                                character_coverage=0.995, split_digits=True, remove_extra_whitespaces=False,
+                                normalization_rule_name="identity", allow_whitespace_only_pieces=True)
 
 
-def make_model_dir(shared: Path, root: Path, *, seed: int = 0, **config) -> Path:
-    tokenizer = train_tokenizer(shared, root / "tokenizer.model")
-    model = random_model(small_config(**config), seed=seed)
-    return save_pretrained(model, root / "model", dtype=torch.float32, tokenizer=tokenizer)
+def make_model_dir(root: Path, *, seed: int = 0, **config) -> Path:
+    """A random tiny Gemma2 directory with `train_tokenizer`'s tokenizer (skips without the shared data)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder not found at {SHARED_DATA}")
+    return random_model_dir(root / "model", tokenizer=train_tokenizer(root / "tokenizer.model"), seed=seed, **config)
 
 
 def hand_loglikelihood(model, sp, context: str, continuation: str) -> tuple[float, bool]:

@@ -6,22 +6,18 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import write_token_store
 from tests.test_data_packing import BOS, EOS, PAD, check_epoch, random_documents
 from trainer.data.loader import PackedLoader, mixture_period
-from trainer.data.store import StoreWriter, TokenStore
+from trainer.data.store import TokenStore
 from trainer.errors import UserError
 
 HASH = "ab" * 32
 
 
 def make_store(path, docs, *, tokenizer_hash=HASH):
-    path.mkdir(parents=True)
-    writer = StoreWriter(path, shard_tokens=700)
-    lengths = np.array([len(d) for d in docs], dtype=np.int64)
-    writer.add(np.concatenate(docs).astype(np.uint32), lengths)
-    writer.finish(tokenizer={"file": "t.model", "sha256": tokenizer_hash, "vocab_size": 4000, "bos_id": BOS,
-                             "eos_id": EOS, "pad_id": PAD})
-    return TokenStore(path)
+    return TokenStore(write_token_store(path, docs, vocab_size=4000, bos_id=BOS, eos_id=EOS, pad_id=PAD,
+                                        tokenizer_sha256=tokenizer_hash, shard_tokens=700))
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -12,10 +11,11 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from tests.helpers import train_tiny_tokenizer
 from trainer.cli import main as cli_main
 from trainer.data.readers import read_documents
 from trainer.data.store import TokenStore
-from trainer.data.tokenize import load_tokenizer, tokenize_texts, tokenize_to_store
+from trainer.data.tokenize import load_tokenizer, read_sentencepiece, tokenize_texts, tokenize_to_store
 from trainer.errors import UserError
 
 WORDS = ["labas", "rytas", "ačiū", "žodis", "šuo", "katė", "the", "and", "of", "model", "token", "packing", "ėė"]
@@ -24,18 +24,13 @@ WORDS = ["labas", "rytas", "ačiū", "žodis", "šuo", "katė", "the", "and", "o
 def _train(path, **ids):
     rng = random.Random(0)
     text = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) for _ in range(300)]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=buf, vocab_size=300,
-                                   model_type="unigram", minloglevel=2, byte_fallback=True, hard_vocab_limit=False,
-                                   **ids)
-    path.write_bytes(buf.getvalue())
-    return path
+    return train_tiny_tokenizer(path, text, vocab_size=300, hard_vocab_limit=False, **ids)
 
 
 @pytest.fixture(scope="module")
 def gemma_like(tmp_path_factory):
     """A tiny SentencePiece model with Gemma's special ids: pad 0, EOS 1, BOS 2, unk 3."""
-    return _train(tmp_path_factory.mktemp("tok") / "tokenizer.model", pad_id=0, eos_id=1, bos_id=2, unk_id=3)
+    return _train(tmp_path_factory.mktemp("tok") / "tokenizer.model")
 
 
 def _corpus(path, seed, n=200):
@@ -159,11 +154,22 @@ def test_bad_stores_each_give_one_clear_error(tmp_path, gemma_like):
 
 
 def test_model_without_bos_eos_needs_explicit_ids(tmp_path):
-    model = _train(tmp_path / "nobos.model", bos_id=-1, eos_id=-1, unk_id=0)
+    model = _train(tmp_path / "nobos.model", bos_id=-1, eos_id=-1, unk_id=0, pad_id=-1)
     with pytest.raises(UserError, match="defines no BOS token; give its id explicitly"):
         load_tokenizer(model)
     tok = load_tokenizer(model, bos_id=5, eos_id=6)
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (5, 6, 6)
+
+
+def test_missing_or_invalid_tokenizer_is_one_clear_error_everywhere(tmp_path):
+    from trainer.evaluate.scoring import Tokenizer
+
+    (tmp_path / "junk.model").write_bytes(b"not a model")
+    for load in (load_tokenizer, read_sentencepiece, Tokenizer):  # token stores, the Fisher, eval
+        with pytest.raises(UserError, match="tokenizer .*missing.model not found: give the SentencePiece model"):
+            load(tmp_path / "missing.model")
+        with pytest.raises(UserError, match="junk.model is not a SentencePiece model"):
+            load(tmp_path / "junk.model")
 
 
 def test_cli_tokenize(tmp_path, gemma_like, capsys):

@@ -16,9 +16,7 @@ BENCH = SHARED_DATA / "benchmarks"
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data folder not found at {SHARED_DATA}")
-    return make_model_dir(SHARED_DATA, tmp_path_factory.mktemp("cli"), seed=3)
+    return make_model_dir(tmp_path_factory.mktemp("cli"), seed=3)
 
 
 @pytest.fixture

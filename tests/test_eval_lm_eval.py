@@ -28,15 +28,13 @@ def test_the_adapter_imports_without_lm_eval():
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     pytest.importorskip("lm_eval")
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data folder not found at {SHARED_DATA}")
     from lm_eval.api.registry import get_model
 
     import trainer.evaluate.lm_eval_adapter as adapter
 
     cls = get_model("gemma-ewc")
     assert cls is adapter.GemmaEWCLM
-    model_dir = make_model_dir(SHARED_DATA, tmp_path_factory.mktemp("lm_eval"), seed=11)
+    model_dir = make_model_dir(tmp_path_factory.mktemp("lm_eval"), seed=11)
     with pytest.raises(ValueError, match=r"unknown gemma-ewc model argument\(s\) \['dytpe'\]"):
         cls.create_from_arg_string(f"pretrained={model_dir},dytpe=float32")
     return cls.create_from_arg_string(f"pretrained={model_dir},dtype=float32,max_length=48",

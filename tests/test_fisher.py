@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import io
 import random
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import random_model, rel_err, small_config
+from tests.helpers import random_model, rel_err, small_config, train_tiny_tokenizer
+from trainer.benchmarks import MCItem
 from trainer.errors import UserError
 from trainer.ewc import estimate_fisher, estimate_fisher_with_stats
 from trainer.ewc.batches import EncodedPrompt, encode_mmlu, pack_prompts, prompt_batches
 from trainer.hf import to_hf_name
-from trainer.prompts import MCItem, answer_letter_tokens, format_mmlu_prompt
+from trainer.prompts import answer_letter_tokens, format_mmlu_prompt
 
 IGNORE = -100
 nan = float("nan")
@@ -144,29 +145,24 @@ def test_stats_count_samples_tokens_and_skip_unscored_batches():
 
 # ------------------------------------------------------------------------------------------------ MMLU prompts
 
-def train_tokenizer(vocab_size: int = 400) -> bytes:
+def train_prompt_tokenizer(path) -> Path:
     """A small Gemma-like SentencePiece model (no dummy prefix, newline piece, byte fallback), trained here."""
-    import sentencepiece as spm
-
     rng = random.Random(0)
     words = ("the of and to in is that for it as with was on be by this are or an at which from have not but all "
              "can more one their about water energy cell question answer following multiple choice").split()
     lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(400)]
     lines += ["The following is a multiple choice question (with answers) about physics. A. B. C. D. Answer:"] * 20
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
-                                   bos_id=2, eos_id=1, unk_id=3, pad_id=0, normalization_rule_name="identity",
-                                   remove_extra_whitespaces=False, add_dummy_prefix=False, byte_fallback=True,
-                                   user_defined_symbols=["\n"], model_type="unigram", minloglevel=2,
-                                   hard_vocab_limit=False)
-    return model.getvalue()
+    return train_tiny_tokenizer(path, lines, vocab_size=400, normalization_rule_name="identity",
+                                remove_extra_whitespaces=False, add_dummy_prefix=False, user_defined_symbols=["\n"],
+                                hard_vocab_limit=False)
 
 
 @pytest.fixture(scope="module")
-def sp():
+def sp(tmp_path_factory):
     import sentencepiece as spm
 
-    return spm.SentencePieceProcessor(model_proto=train_tokenizer())
+    path = train_prompt_tokenizer(tmp_path_factory.mktemp("sp") / "tokenizer.model")
+    return spm.SentencePieceProcessor(model_file=str(path))
 
 
 ITEM = MCItem("What is the boiling point of water at sea level?", ("50 C", "100 C", "150 C", "200 C"), 1,
@@ -257,7 +253,8 @@ def test_read_mmlu_layouts(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from trainer.prompts import DEFAULT_MMLU_TEMPLATE, check_template, read_mmlu
+    from trainer.benchmarks import read_mmlu
+    from trainer.prompts import DEFAULT_MMLU_TEMPLATE, check_template
 
     check_template(DEFAULT_MMLU_TEMPLATE)
     records = [{"question": "Q1?", "subject": "anatomy", "choices": ["a", "b", "c", "d"], "answer": 2},
@@ -270,12 +267,12 @@ def test_read_mmlu_layouts(tmp_path):
                      MCItem("Q1?", ("a", "b", "c", "d"), 2, "anatomy"), MCItem("Q2?", ("e", "f", "g", "h"), 0,
                                                                              "virology")]
     (tmp_path / "bad.jsonl").write_text('{"question": "Q", "choices": ["a", "b"], "answer": 5}\n')
-    with pytest.raises(UserError, match=r"bad\.jsonl:1: answer 5 is not an index 0\.\.1"):
+    with pytest.raises(UserError, match=r"bad\.jsonl:1: answer 5 is out of range for 2 choices"):
         read_mmlu(tmp_path / "bad.jsonl")
 
 
 def test_read_shared_mmlu_sample(shared_data):
-    from trainer.prompts import read_mmlu
+    from trainer.benchmarks import read_mmlu
 
     items = read_mmlu(shared_data / "benchmarks" / "mmlu" / "dev")
     assert len(items) == 285 and len({i.subject for i in items}) == 57

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
-from tests.helpers import random_model, rel_err, small_config
-from tests.test_fisher import train_tokenizer
+from tests.helpers import random_model_dir, rel_err
+from tests.test_fisher import train_prompt_tokenizer
+from trainer.benchmarks import read_mmlu
 from trainer.cli import main
 from trainer.ewc import estimate_fisher, load_ewc, read_header
 from trainer.ewc.batches import encode_mmlu, prompt_batches
-from trainer.hf import load_pretrained, save_pretrained
-from trainer.prompts import read_mmlu
+from trainer.hf import load_pretrained
 
 QUESTIONS = [
     ("Which of these is water?", ["H2O", "CO2", "NaCl", "O2"], 0),
@@ -30,12 +30,11 @@ QUESTIONS = [
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("fisher_cli")
-    (root / "tok.model").write_bytes(train_tokenizer())
     import sentencepiece as spm
 
-    vocab = spm.SentencePieceProcessor(model_file=str(root / "tok.model")).vocab_size()
-    model = random_model(small_config(num_layers=2, vocab_size=vocab), seed=11)
-    save_pretrained(model, root / "model", dtype=torch.float32, tokenizer=root / "tok.model")
+    tokenizer = train_prompt_tokenizer(root / "tok.model")
+    vocab = spm.SentencePieceProcessor(model_file=str(tokenizer)).vocab_size()
+    random_model_dir(root / "model", tokenizer=tokenizer, seed=11, num_layers=2, vocab_size=vocab)
     (root / "short.txt").write_text("{question}\n{options}\nAnswer: {answer}\n")  # fewer tokens: faster tests
     (root / "mmlu").mkdir()
     with open(root / "mmlu" / "general_science_test.csv", "w", newline="") as fh:  # our CSV layout

@@ -12,8 +12,9 @@ import torch
 
 from tests.distributed import run_distributed
 from tests.helpers import random_model, rel_err, small_config
+from trainer.distributed import local_index
 from trainer.errors import UserError
-from trainer.ewc import estimate_fisher, fisher_divisor, load_ewc, local_index, write_ewc
+from trainer.ewc import estimate_fisher, fisher_divisor, load_ewc, write_ewc
 from trainer.ewc.batches import row_batches
 from trainer.hf import to_hf_name
 

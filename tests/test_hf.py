@@ -64,7 +64,8 @@ def test_partial_row_reads_match_whole_tensor(tmp_path, seed):
     ckpt = HFCheckpoint(tmp_path / "m")
     name = "model.layers.1.mlp.gate_proj.weight"
     whole = ckpt.read(name)
-    assert torch.equal(ckpt.read(name, rows=slice(5, 17)), whole[5:17])
+    assert torch.equal(ckpt.read(name, index=(slice(5, 17),)), whole[5:17])
+    assert torch.equal(ckpt.read(name, index=(slice(3, 4), slice(2, 9))), whole[3:4, 2:9])
     assert torch.equal(whole, model.layers[1].mlp.gate_proj.weight)
 
 

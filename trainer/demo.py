@@ -107,19 +107,15 @@ def _cli(*argv: str) -> None:
 
 
 def _train(out: Path, name: str, overrides: list[str]) -> None:
-    import torch.distributed as dist
-
     from trainer.config import load_config
+    from trainer.distributed import process_group_scope
     from trainer.train import train
 
     print(f"\n$ gemma-ewc train --out {out / 'runs' / name} " + " ".join(f"--set {o}" for o in overrides),
           flush=True)
     config = load_config(None, overrides)
-    try:
+    with process_group_scope():
         train(config, out / "runs" / name)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def run_demo(args: argparse.Namespace) -> int:

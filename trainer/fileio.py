@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 
 def _fsync_dir(path: Path) -> None:
@@ -79,4 +79,15 @@ def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 22) -> str:
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+def files_sha256(files: Sequence[str | os.PathLike]) -> str:
+    """The sha256 of one file; of several, the sha256 over their sorted (name, sha256) lines."""
+    paths = [Path(f) for f in files]
+    if len(paths) == 1:
+        return sha256_file(paths[0])
+    h = hashlib.sha256()
+    for f in sorted(paths, key=lambda p: p.name):
+        h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
     return h.hexdigest()

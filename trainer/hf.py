@@ -5,8 +5,8 @@ Our parameter names are Hugging Face's without the leading "model." (`layers.0.m
 checkpoint carries it, is checked against the embedding and not loaded twice.
 
 Loading streams one tensor at a time from memory-mapped shards into parameters that already have their final
-dtype and device, so a checkpoint never sits in memory twice. `HFCheckpoint.read(name, rows=...)` reads a row
-range only (safetensors slicing), which is how a sharded model loads just its own slice.
+dtype and device, so a checkpoint never sits in memory twice. `HFCheckpoint.read(name, index=...)` reads one
+part only (safetensors slicing): a sharded model loads just its own slice (trainer.distributed.local_index).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 
+from trainer.dtypes import DTYPES, dtype_name
 from trainer.errors import UserError
 from trainer.fileio import atomic_path
 
@@ -26,9 +27,6 @@ TIED_HEAD = "lm_head.weight"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 ACTIVATION = "gelu_pytorch_tanh"
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
-                torch.float64: "float64"}
 
 
 def to_hf_name(name: str) -> str:
@@ -117,7 +115,7 @@ def config_to_hf(config, *, dtype: torch.dtype = torch.bfloat16) -> dict:
         "eos_token_id": c.eos_token_id,
         "pad_token_id": c.pad_token_id,
         "use_cache": True,
-        "torch_dtype": _DTYPE_NAMES.get(dtype, "float32"),
+        "torch_dtype": dtype_name(dtype) if dtype in DTYPES.values() else "float32",
     }
 
 
@@ -170,14 +168,14 @@ class HFCheckpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
 
-    def read(self, name: str, *, rows: slice | None = None) -> torch.Tensor:
-        """One tensor, or only rows [start:stop) of its first dimension (read without loading the rest)."""
+    def read(self, name: str, *, index: tuple[slice, ...] | None = None) -> torch.Tensor:
+        """One tensor, or only its part `index` (a slice per dimension), read without loading the rest."""
         from safetensors import safe_open
 
         with safe_open(self.file_of[name], framework="pt") as f:
-            if rows is None:
+            if index is None:
                 return f.get_tensor(name)
-            return f.get_slice(name)[rows]
+            return f.get_slice(name)[index]
 
     def by_file(self) -> Iterator[tuple[Path, list[str]]]:
         files: dict[Path, list[str]] = {}

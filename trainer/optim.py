@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 from kernels import ewc_adamw as K
+from trainer.distributed import is_dtensor, local_tensor
+from trainer.dtypes import dtype_name
 from trainer.errors import UserError
 
 try:
@@ -97,19 +99,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
-def _is_dtensor(t) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
-
-
-def _local(t: Tensor) -> Tensor:
-    # Under no_grad DTensor.to_local() returns the local shard itself (no copy): updates land in the parameter.
-    return t.to_local() if _is_dtensor(t) else t
-
-
 def _reduce_key(p: Tensor):
     """How partial sums over p's local shard combine across ranks: None (a plain tensor: the local value is the
     whole), or (mesh, mesh dims over which p is sharded)."""
-    if not _is_dtensor(p):
+    if not is_dtensor(p):
         return None
     dims = tuple(i for i, pl in enumerate(p.placements) if not isinstance(pl, Replicate))
     return (p.device_mesh, dims) if dims else None
@@ -124,9 +117,22 @@ def _all_reduce(local: Tensor, key) -> Tensor:
     return DTensor.from_local(local, mesh, placements, run_check=False).full_tensor()
 
 
+def _sum_reduced(parts: Iterable[tuple[object, Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """(sum of a, sum of b) over (reduce key, a, b), each all-reduced over its key's ranks (collectives, in order);
+    float64 zeros when there are none."""
+    first = second = None
+    for key, a, b in parts:
+        a, b = _all_reduce(a, key), _all_reduce(b, key)
+        first = a if first is None else first + a
+        second = b if second is None else second + b
+    if first is None:
+        first = second = torch.zeros((), dtype=torch.float64)
+    return first, second
+
+
 def _tensor_summary(t: Tensor) -> str:
-    kind = f"DTensor {tuple(t.placements)}" if _is_dtensor(t) else "tensor"
-    return f"{kind} of shape {tuple(t.shape)}, {str(t.dtype).removeprefix('torch.')} on {t.device}"
+    kind = f"DTensor {tuple(t.placements)}" if is_dtensor(t) else "tensor"
+    return f"{kind} of shape {tuple(t.shape)}, {dtype_name(t.dtype)} on {t.device}"
 
 
 # ---------------------------------------------------------------------------------------------------- optimizer
@@ -235,19 +241,19 @@ class EWCAdamW(torch.optim.Optimizer):
     def _ewc_local(i: int, name: str, p: Tensor, t: Tensor) -> Tensor:
         if not isinstance(t, Tensor):
             raise UserError(f"parameter {i}: {name} must be a tensor, got {type(t).__name__}")
-        if _is_dtensor(t):
-            if not _is_dtensor(p) or t.device_mesh != p.device_mesh or t.placements != p.placements \
+        if is_dtensor(t):
+            if not is_dtensor(p) or t.device_mesh != p.device_mesh or t.placements != p.placements \
                     or t.shape != p.shape:
                 raise UserError(f"parameter {i}: {name} is a {_tensor_summary(t)} but the parameter is a "
                                 f"{_tensor_summary(p)}; shard it like the parameter (same mesh and placements)")
             t = t.to_local()
-        p_local = _local(p)
+        p_local = local_tensor(p)
         if t.shape != p_local.shape:
             raise UserError(f"parameter {i}: {name} has shape {tuple(t.shape)}, the parameter's local shard "
                             f"{tuple(p_local.shape)} ({_tensor_summary(p)})")
         allowed = (torch.float64,) if p_local.dtype == torch.float64 else K.EWC_DTYPES
         if t.dtype not in allowed:
-            raise UserError(f"parameter {i}: {name} is {str(t.dtype).removeprefix('torch.')}; use float32 or "
+            raise UserError(f"parameter {i}: {name} is {dtype_name(t.dtype)}; use float32 or "
                             f"bfloat16 (float64 for float64 parameters), e.g. .to(torch.bfloat16)")
         if t.device != p_local.device:
             raise UserError(f"parameter {i}: {name} is on {t.device}, the parameter on {p_local.device}")
@@ -262,7 +268,7 @@ class EWCAdamW(torch.optim.Optimizer):
         """The backend in use ("triton", "cpp" or "torch"), resolved from the parameters' device on first use."""
         if self._backend is None:
             params = self._all_params()
-            device = _local(params[0]).device if params else torch.device("cpu")
+            device = local_tensor(params[0]).device if params else torch.device("cpu")
             self._backend = K.resolve_backend(self.backend_request, device)
         return self._backend
 
@@ -301,32 +307,32 @@ class EWCAdamW(torch.optim.Optimizer):
             state["step"] = steps[i]
         parts: dict[tuple, list[int]] = {}
         for j, p in enumerate(plist):
-            parts.setdefault((_reduce_key(p), _local(p).dtype), []).append(j)
+            parts.setdefault((_reduce_key(p), local_tensor(p).dtype), []).append(j)
         built = []
         for (reduce_key, dtype), idx in parts.items():
             ewc = [self._ewc.get(plist[j], (None, None)) for j in idx]
             locals_ = dict(
-                params=[_local(plist[j]) for j in idx],
-                exp_avgs=[_local(states[j]["exp_avg"]) for j in idx],
-                exp_avg_sqs=[_local(states[j]["exp_avg_sq"]) for j in idx],
+                params=[local_tensor(plist[j]) for j in idx],
+                exp_avgs=[local_tensor(states[j]["exp_avg"]) for j in idx],
+                exp_avg_sqs=[local_tensor(states[j]["exp_avg_sq"]) for j in idx],
                 fishers=[f for f, _ in ewc], anchors=[a for _, a in ewc])
             groups = K.group_tensors(**locals_, ewc_lambda=self._ewc_lambda, check=False)
             grad_groups = K.group_tensors(locals_["params"], None, None, None, None, ewc_lambda=0.0, check=False)
             built.append(_Part(reduce_key, dtype, idx, idx == list(range(len(plist))), groups, grad_groups,
                                locals_))
-        plan = _Plan(key, list(plist), steps, built, any(_is_dtensor(p) for p in plist))
+        plan = _Plan(key, list(plist), steps, built, any(is_dtensor(p) for p in plist))
         self._plans[group_index] = plan
         return plan
 
     def _check_param(self, i: int, p: Tensor, state: dict) -> None:
-        local = _local(p)
+        local = local_tensor(p)
         if local.dtype not in (torch.float32, torch.float64):
-            raise UserError(f"parameter {i} is {str(local.dtype).removeprefix('torch.')}; EWCAdamW keeps float32 "
+            raise UserError(f"parameter {i} is {dtype_name(local.dtype)}; EWCAdamW keeps float32 "
                             f"(or float64) master parameters: build the model in float32")
         if not local.is_contiguous():
             raise UserError(f"parameter {i} ({_tensor_summary(p)}) is not contiguous")
         for name in ("exp_avg", "exp_avg_sq"):
-            s = _local(state[name])
+            s = local_tensor(state[name])
             if s.shape != local.shape or s.dtype != local.dtype or s.device != local.device \
                     or not s.is_contiguous():
                 raise UserError(f"parameter {i}: optimizer state {name} ({_tensor_summary(state[name])}) does "
@@ -345,7 +351,7 @@ class EWCAdamW(torch.optim.Optimizer):
             if "step" in state:  # torch.optim keeps the caller's tensor; ours is incremented in place
                 state["step"] = state["step"].detach().clone()
             for name in ("exp_avg", "exp_avg_sq"):
-                if name in state and not _local(state[name]).is_contiguous():
+                if name in state and not local_tensor(state[name]).is_contiguous():
                     state[name] = state[name].contiguous()
         self._invalidate()
         self._clip = None
@@ -379,7 +385,7 @@ class EWCAdamW(torch.optim.Optimizer):
                 plist = params
             plan = self._plan(gi, plist)
             if plan.dtensor:
-                grads = [g.to_local() if _is_dtensor(g) else g for g in grads]
+                grads = [local_tensor(g) for g in grads]
             if not all(g.is_contiguous() for g in grads):
                 j = next(j for j, g in enumerate(grads) if not g.is_contiguous())
                 raise UserError(f"the gradient of parameter {j} of param group {gi} ({_tensor_summary(plist[j])}) is "
@@ -414,13 +420,8 @@ class EWCAdamW(torch.optim.Optimizer):
                                                   backend=self._backend_for(part.dtype), check_grads=False)
                 acc = by_key.setdefault(part.reduce_key, [])
                 acc += [gsq, tsq]
-        grad_sq = total_sq = None
-        for key, sums in by_key.items():
-            gsq, tsq = _all_reduce(torch.stack(sums[0::2]).sum(), key), _all_reduce(torch.stack(sums[1::2]).sum(), key)
-            grad_sq = gsq if grad_sq is None else grad_sq + gsq
-            total_sq = tsq if total_sq is None else total_sq + tsq
-        if grad_sq is None:
-            grad_sq = total_sq = torch.zeros((), dtype=torch.float64)
+        grad_sq, total_sq = _sum_reduced((key, torch.stack(sums[0::2]).sum(), torch.stack(sums[1::2]).sum())
+                                         for key, sums in by_key.items())
         task_norm = grad_sq.sqrt()
         total_norm = total_sq.sqrt() if mode == "total" else None
         self._clip = None
@@ -475,14 +476,7 @@ class EWCAdamW(torch.optim.Optimizer):
 
     def _reduced_last(self) -> tuple[Tensor, Tensor]:
         if self._last_reduced is None:
-            pen = sq = None
-            for key, p, s in self._last_local:
-                p, s = _all_reduce(p, key), _all_reduce(s, key)
-                pen = p if pen is None else pen + p
-                sq = s if sq is None else sq + s
-            if pen is None:
-                pen = sq = torch.zeros((), dtype=torch.float64)
-            self._last_reduced = (pen, sq)
+            self._last_reduced = _sum_reduced(self._last_local)
         return self._last_reduced
 
     @property

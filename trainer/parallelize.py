@@ -19,14 +19,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from trainer.config import ParallelConfig
+from trainer.distributed import local_index, local_tensor
+from trainer.dtypes import DTYPES
 from trainer.errors import UserError
 from trainer.hf import HFCheckpoint, to_hf_name
 from trainer.model import Gemma2
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def build_mesh(config: ParallelConfig, *, device_type: str) -> DeviceMesh:
@@ -52,30 +51,14 @@ def parallelize(model: Gemma2, config: ParallelConfig, *, mesh: DeviceMesh) -> G
     if config.compile:
         for layer in model.layers:
             layer.compile()
-    param_dtype = _DTYPES[config.param_dtype]
+    param_dtype = DTYPES[config.param_dtype]
     policy = MixedPrecisionPolicy(param_dtype=None if param_dtype == torch.float32 else param_dtype,
-                                  reduce_dtype=_DTYPES[config.reduce_dtype])
+                                  reduce_dtype=DTYPES[config.reduce_dtype])
     for i, layer in enumerate(model.layers):
         # The last block's parameters are needed again at once by backward: keep them gathered.
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=i < n - 1)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
-
-
-def local_rows(param: torch.Tensor) -> slice | None:
-    """Rows [start, stop) of the full parameter held by this rank (None: the whole tensor)."""
-    if not isinstance(param, DTensor):
-        return None
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    for dim in range(1, param.dim()):
-        assert shape[dim] == param.shape[dim], "only dim-0 sharding is expected (FSDP2)"
-    return slice(offset[0], offset[0] + shape[0]) if param.dim() else None
-
-
-def _local(param: torch.Tensor) -> torch.Tensor:
-    return param.to_local() if isinstance(param, DTensor) else param
 
 
 def initial_value(name: str, shape: torch.Size, *, seed: int, std: float = 0.02) -> torch.Tensor:
@@ -100,15 +83,14 @@ def materialize(model: Gemma2, *, device: torch.device | str, pretrained: str | 
             raise UserError(f"{pretrained}: {len(missing)} parameter(s) missing from the checkpoint, e.g. "
                             f"{missing[:3]}")
     for name, param in model.named_parameters():
-        rows = local_rows(param)
+        index = local_index(param)
         if checkpoint is not None:
             shape = checkpoint.shape(to_hf_name(name))
             if shape != tuple(param.shape):
                 raise UserError(f"{pretrained}: tensor {to_hf_name(name)!r} has shape {shape}, config.json "
                                 f"implies {tuple(param.shape)}")
-            value = checkpoint.read(to_hf_name(name), rows=rows)
+            value = checkpoint.read(to_hf_name(name), index=index)
         else:
-            full = initial_value(name, param.shape, seed=seed)
-            value = full if rows is None else full[rows]
-        _local(param).copy_(value)
+            value = initial_value(name, param.shape, seed=seed)[index]
+        local_tensor(param).copy_(value)
     return model

@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import TrainConfig, load_config, to_toml
+from trainer.distributed import process_group_scope
+from trainer.dtypes import DTYPES
 from trainer.errors import UserError
 from trainer.fileio import atomic_path, sha256_file
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class TrainingError(RuntimeError):
@@ -127,7 +127,7 @@ def attach_ewc(config: TrainConfig, model, optimizer, names: list[str]) -> dict:
     if not Path(e.file).is_file():
         raise UserError(f"EWC file {e.file} not found (make it with `gemma-ewc fisher`)")
     state = load_ewc(e.file, model, strict=e.strict_anchor, normalize=e.fisher_normalize,
-                     fisher_dtype=_DTYPES[e.fisher_dtype], anchor_dtype=_DTYPES[e.anchor_dtype])
+                     fisher_dtype=DTYPES[e.fisher_dtype], anchor_dtype=DTYPES[e.anchor_dtype])
     fisher = [state.fisher[to_hf_name(n)] for n in names]
     anchor = [state.anchor[to_hf_name(n)] for n in names]
     optimizer.set_ewc_state(fisher, anchor, e.lam)
@@ -305,7 +305,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, stop_after: int | None = 
 
     log = MetricsLog(run_dir, resume_step=start_step, enabled=env.is_main, progress=config.logging.progress,
                      tensorboard=config.logging.tensorboard)
-    peak_flops, _ = device_peak_flops(str(device), _DTYPES[config.parallel.param_dtype]
+    peak_flops, _ = device_peak_flops(str(device), DTYPES[config.parallel.param_dtype]
                                       if device.type == "cuda" else torch.float32)
     summary = TrainSummary(run_dir, start_step, start_step)
     end_step = o.max_steps if stop_after is None else min(o.max_steps, start_step + stop_after)
@@ -388,11 +388,8 @@ def configure_train(p: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    try:
+    with process_group_scope():
         summary = train(config, run_dir, stop_after=args.stop_after)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     if summary.losses:
         print(f"trained steps {summary.first_step + 1}..{summary.last_step}, final loss {summary.losses[-1]:.4f}, "
               f"checkpoint {summary.checkpoint}")
@@ -450,11 +447,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: torch.d
 def configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a step directory, or a run directory (its newest complete checkpoint)")
     p.add_argument("--out", required=True, help="the Hugging Face Gemma2 directory to write")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16", help="weight dtype (default bfloat16)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="weight dtype (default bfloat16)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model to include (default: the run's data.tokenizer)")
 
 
 def run_export(args: argparse.Namespace) -> int:
-    out = export_checkpoint(args.checkpoint, args.out, dtype=_DTYPES[args.dtype], tokenizer=args.tokenizer)
+    out = export_checkpoint(args.checkpoint, args.out, dtype=DTYPES[args.dtype], tokenizer=args.tokenizer)
     print(f"exported {resolve_checkpoint(args.checkpoint)} -> {out}")
     return 0

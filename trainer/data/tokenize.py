@@ -53,6 +53,25 @@ class Tokenizer:
                 "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
 
 
+def read_sentencepiece(path: str | os.PathLike):
+    """(SentencePieceProcessor, the file's bytes) of a SentencePiece model file; UserError if missing or invalid.
+
+    The one loader of tokenizer files: `load_tokenizer` (token stores, the Fisher's text rows), the Fisher's MMLU
+    prompts and eval's Tokenizer all open the model here.
+    """
+    import sentencepiece as spm
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"tokenizer {path} not found: give the SentencePiece model file (Gemma's tokenizer.model), "
+                        f"e.g. with --tokenizer PATH")
+    proto = path.read_bytes()
+    try:
+        return spm.SentencePieceProcessor(model_proto=proto), proto
+    except (RuntimeError, OSError) as exc:
+        raise UserError(f"{path} is not a SentencePiece model ({exc}); give Gemma's tokenizer.model") from None
+
+
 def load_tokenizer(path: str | os.PathLike | Tokenizer, *, bos_id: int | None = None,
                    eos_id: int | None = None) -> Tokenizer:
     """Load a SentencePiece model file. BOS/EOS come from the model unless overridden (needed when it has none).
@@ -63,14 +82,8 @@ def load_tokenizer(path: str | os.PathLike | Tokenizer, *, bos_id: int | None = 
         return path
     import hashlib
 
-    import sentencepiece as spm
-
     path = Path(path)
-    proto = path.read_bytes()
-    try:
-        sp = spm.SentencePieceProcessor(model_proto=proto)
-    except (RuntimeError, OSError) as exc:
-        raise UserError(f"{path}: not a SentencePiece model ({exc})") from None
+    sp, proto = read_sentencepiece(path)
     vocab = sp.get_piece_size()
     bos = sp.bos_id() if bos_id is None else bos_id
     eos = sp.eos_id() if eos_id is None else eos_id

@@ -87,7 +87,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from trainer.evaluate import runner
     from trainer.evaluate.perplexity import perplexity_of_input, read_perplexity_input
     from trainer.evaluate.scoring import ScoringOptions, Tokenizer, check_tokenizer, default_device
-    from trainer.evaluate.tasks import attach_fewshot, load_docs, load_task, split_named, task_files
+    from trainer.benchmarks import benchmark_files
+    from trainer.dtypes import compute_dtype, dtype_name
+    from trainer.evaluate.tasks import attach_fewshot, load_docs, load_task, split_named
     from trainer.hf import load_pretrained
 
     if not args.ppl and not args.tasks:
@@ -101,8 +103,7 @@ def run_eval(args: argparse.Namespace) -> int:
     device = torch.device(args.device or default_device())
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: CUDA is not available on this machine")
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = compute_dtype(args.dtype, device)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
 
     # Read every input before loading the model, so a bad file fails in seconds, not after minutes of loading.
@@ -121,7 +122,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if name:
             named_shots[name] = path
         else:
-            kind, _, _ = load_docs(task_files(Path(path)), task_type=args.task_type, path=Path(path), limit=1)
+            kind, _, _ = load_docs(benchmark_files(Path(path)), task_type=args.task_type, path=Path(path), limit=1)
             typed_shots.append((kind.name, path))
     tasks = []
     for spec in args.tasks:
@@ -151,7 +152,7 @@ def run_eval(args: argparse.Namespace) -> int:
     meta = runner.read_model_metadata(model_dir)
     label = args.label or meta.get("label") or model_dir.resolve().name
     ewc_lambda = args.ewc_lambda if args.ewc_lambda is not None else meta.get("ewc_lambda", meta.get("lambda"))
-    settings = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "attention": args.attention,
+    settings = {"device": str(device), "dtype": dtype_name(dtype), "attention": args.attention,
                 "max_length": max_length, "stride": stride, "row_tokens": options.row_tokens,
                 "batch_rows": options.batch_rows, "fixed_shape": options.fixed_shape,
                 "max_new_tokens": args.max_new_tokens, "limit": args.limit}

@@ -58,6 +58,7 @@ class GemmaEWCLM(_LMBase):
         super().__init__()
         import torch
 
+        from trainer.dtypes import compute_dtype
         from trainer.evaluate.scoring import ScoringOptions, Tokenizer, check_tokenizer, default_device
 
         device = torch.device(device or default_device())
@@ -65,8 +66,7 @@ class GemmaEWCLM(_LMBase):
             # lm-eval's command line asks for "cuda" by default; on a CPU-only machine run there instead.
             sys.stderr.write("gemma-ewc: CUDA is not available, evaluating on the CPU\n")
             device = torch.device("cpu")
-        torch_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-                       "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[str(dtype)]
+        torch_dtype = compute_dtype(str(dtype), device)
         if model is None:
             from trainer.hf import load_pretrained
 

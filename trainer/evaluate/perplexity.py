@@ -87,12 +87,11 @@ def read_perplexity_input(path: str | os.PathLike, tokenizer: Tokenizer, *, text
     """A corpus file or folder (.jsonl/.json/.parquet/.txt, .gz), or a token store made with this tokenizer."""
     from trainer.data.readers import ReadStats, expand_inputs, read_documents
     from trainer.data.store import MANIFEST, TokenStore
-    from trainer.evaluate.runner import files_sha256
-    from trainer.fileio import sha256_file
+    from trainer.fileio import files_sha256
 
     path = Path(path)
     if path.is_dir() and (path / MANIFEST).is_file():
-        store = TokenStore(path, expected_tokenizer_hash=sha256_file(tokenizer.path))
+        store = TokenStore(path, expected_tokenizer_hash=tokenizer.sha256)
         n = store.num_documents if limit is None else min(limit, store.num_documents)
         docs = [store.document(i).tolist() for i in range(n)]
         if docs and max((max(d) for d in docs if d), default=0) >= tokenizer.vocab_size:

@@ -39,7 +39,7 @@ from trainer.errors import UserError
 from trainer.evaluate.generate import greedy_generate
 from trainer.evaluate.scoring import ScoringOptions, Tokenizer, loglikelihood, mean_stderr
 from trainer.evaluate.tasks import GSM8K_STOP, ItemError, Task, fewshot_prefix
-from trainer.fileio import atomic_path, sha256_file
+from trainer.fileio import atomic_path, files_sha256, sha256_file
 
 RESULTS_FORMAT = "gemma-ewc/eval-v1"
 METADATA_FILE = "gemma-ewc.json"  # optional, in a model directory: {"label": ..., "ewc_lambda": ...}
@@ -67,15 +67,6 @@ def model_fingerprint(model_dir: Path, *, full: bool = False) -> tuple[str, str]
                 fh.seek(offset)
                 h.update(fh.read(_SAMPLE_BLOCK))
     return h.hexdigest(), "sha256-v1" if full else "sampled-v1"
-
-
-def files_sha256(files: Sequence[Path]) -> str:
-    if len(files) == 1:
-        return sha256_file(files[0])
-    h = hashlib.sha256()
-    for f in sorted(files, key=lambda p: p.name):
-        h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
-    return h.hexdigest()
 
 
 def read_model_metadata(model_dir: Path) -> dict:
@@ -203,7 +194,7 @@ def new_results(*, model_dir: Path, fingerprint: tuple[str, str], tokenizer: Tok
         "label": label,
         "lambda": ewc_lambda,
         "model": {"path": str(model_dir.resolve()), "fingerprint": fingerprint[0],
-                  "fingerprint_method": fingerprint[1], "tokenizer_sha256": sha256_file(tokenizer.path),
+                  "fingerprint_method": fingerprint[1], "tokenizer_sha256": tokenizer.sha256,
                   "parameters": config.num_parameters(),
                   "config": {"vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
                              "num_layers": config.num_layers}},

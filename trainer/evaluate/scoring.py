@@ -18,6 +18,7 @@ prepended. A request longer than the context window loses tokens on the left, as
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import sys
@@ -32,19 +33,14 @@ from trainer.errors import UserError
 
 
 class Tokenizer:
-    """SentencePiece `tokenizer.model` (Gemma's): encode without special tokens, decode, BOS/EOS/pad ids."""
+    """SentencePiece `tokenizer.model` (Gemma's): encode without special tokens, decode, BOS/EOS/pad ids, sha256."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        import sentencepiece as spm
+        from trainer.data.tokenize import read_sentencepiece
 
         self.path = Path(path)
-        if not self.path.is_file():
-            raise UserError(f"tokenizer {self.path} not found: the model directory needs Gemma's tokenizer.model "
-                            f"(or give --tokenizer PATH)")
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
-        except (RuntimeError, OSError) as exc:
-            raise UserError(f"{self.path} is not a SentencePiece model ({exc})") from None
+        self.sp, proto = read_sentencepiece(self.path)
+        self.sha256 = hashlib.sha256(proto).hexdigest()
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.pad_id = max(self.sp.pad_id(), 0)

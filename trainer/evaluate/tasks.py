@@ -19,144 +19,29 @@ An item that cannot be scored (a missing field, an answer index out of range, a 
 context) is skipped and reported with its reason, never scored as wrong or right.
 
 Files: .jsonl, .json (a list of objects), .csv, .parquet; or a directory of them (MMLU's one file per subject,
-e.g. mmlu/test/, each file a subtask). Few-shot examples (`num_fewshot`) come from a given file or from the
-matching dev/train file next to the test file (mmlu/test/x_test.csv -> mmlu/dev/x_dev.csv), first n in file order
-(lm-eval's first_n sampler), and for MMLU from the same subject.
+e.g. mmlu/test/, each file a subtask), read by trainer.benchmarks (the reader the Fisher's MMLU uses too).
+Few-shot examples (`num_fewshot`) come from a given file or from the matching dev/train file next to the test file
+(mmlu/test/x_test.csv -> mmlu/dev/x_dev.csv), first n in file order (lm-eval's first_n sampler), and for MMLU from
+the same subject.
 
-The MMLU prompt here is lm-eval's (`mmlu_prompt`); the Fisher's MMLU prompts (trainer.ewc) are built separately.
+The MMLU prompt here is lm-eval's (`mmlu_prompt`); the Fisher's MMLU prompt is the reference study's
+(trainer.prompts).
 """
 
 from __future__ import annotations
 
 import abc
-import csv
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from trainer.benchmarks import (LETTERS, MMLU_FIELDS, ItemError, answer_index, benchmark_files, is_mmlu_record,
+                                mmlu_item, read_records, require, require_text, subject_from_filename,
+                                text_choices)
 from trainer.errors import UserError
-
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-class ItemError(ValueError):
-    """An item that cannot be scored; the task skips it and reports the reason."""
-
-
-# ------------------------------------------------------------------------------------------------------- reading
-
-def read_rows(path: Path) -> list[tuple[str, dict]]:
-    """(item id "file:line", row) for every record of a task file."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".jsonl":
-            rows = []
-            with open(path, encoding="utf-8") as fh:
-                for line_no, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise UserError(f"{path}:{line_no} is not valid JSON ({exc.msg}); a .jsonl task file holds "
-                                        f"one JSON object per line") from None
-                    if not isinstance(row, dict):
-                        raise UserError(f"{path}:{line_no} is a JSON {type(row).__name__}, not an object")
-                    rows.append((f"{path.name}:{line_no}", row))
-            return rows
-        if suffix == ".json":
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path} is not valid JSON ({exc})") from None
-            if isinstance(data, dict):
-                lists = [v for v in data.values() if isinstance(v, list)]
-                if len(lists) != 1:
-                    raise UserError(f"{path}: expected a JSON list of items (or an object holding one list)")
-                data = lists[0]
-            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-                raise UserError(f"{path}: expected a JSON list of objects")
-            return [(f"{path.name}[{i}]", r) for i, r in enumerate(data)]
-        if suffix == ".csv":
-            with open(path, encoding="utf-8", newline="") as fh:
-                table = list(csv.reader(fh))
-            table = [r for r in table if r]
-            if not table:
-                return []
-            header = [h.strip() for h in table[0]]
-            if "question" in header:
-                return [(f"{path.name}:{i + 2}", dict(zip(header, r))) for i, r in enumerate(table[1:])]
-            # The original MMLU CSVs have no header: question, choices..., answer letter.
-            if len(header) < 4:
-                raise UserError(f"{path}: a CSV task file needs a header with 'question' or MMLU's header-less "
-                                f"columns question,A,B,C,D,answer; the first row has {len(header)} column(s)")
-            return [(f"{path.name}:{i + 1}", {"question": r[0], **{f"choice{k}": c for k, c in enumerate(r[1:-1])},
-                                              "answer": r[-1]}) for i, r in enumerate(table)]
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return [(f"{path.name}[{i}]", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
-    except UserError:
-        raise
-    except UnicodeDecodeError as exc:
-        raise UserError(f"cannot read {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except PermissionError:
-        raise UserError(f"cannot read {path}: permission denied") from None
-    except IsADirectoryError:
-        raise UserError(f"{path} is a directory") from None
-    except OSError as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise UserError(f"task file {path} not found") from None
-        raise UserError(f"cannot read {path}: {exc}") from None
-    except Exception as exc:  # pyarrow's errors for a damaged file
-        raise UserError(f"cannot read {path} as {suffix[1:]}: {exc}") from None
-    raise UserError(f"{path}: unknown task file type {suffix or '(none)'}; use one of {', '.join(DATA_SUFFIXES)}")
-
-
-def _get(row: dict, key: str):
-    if key not in row or row[key] is None:
-        raise ItemError(f"missing field '{key}'")
-    return row[key]
-
-
-def _text(row: dict, key: str) -> str:
-    value = _get(row, key)
-    if not isinstance(value, str):
-        raise ItemError(f"field '{key}' is a {type(value).__name__}, expected text")
-    return value
-
-
-def _index(value, n: int, what: str) -> int:
-    """An answer given as an int, a digit string or a letter -> a checked 0-based index into n choices."""
-    if isinstance(value, bool):
-        raise ItemError(f"{what} is a boolean")
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, str):
-        v = value.strip()
-        if v.lstrip("-").isdigit():
-            value = int(v)
-        elif len(v) == 1 and v.upper() in LETTERS:
-            value = LETTERS.index(v.upper())
-        else:
-            raise ItemError(f"{what} {value!r} is neither an index nor a letter")
-    if not isinstance(value, int):
-        raise ItemError(f"{what} {value!r} is not an index")
-    if not 0 <= value < n:
-        raise ItemError(f"{what} {value} is out of range for {n} choices")
-    return value
-
-
-def _choices(value, what: str) -> list[str]:
-    if not isinstance(value, (list, tuple)) or len(value) < 2:
-        raise ItemError(f"{what} must be a list of at least two answers")
-    if not all(isinstance(c, str) for c in value):
-        raise ItemError(f"{what} must hold text answers")
-    return list(value)
+from trainer.prompts import format_options, format_subject
 
 
 # ------------------------------------------------------------------------------------------------------ task types
@@ -219,35 +104,25 @@ def _argmax(values: Sequence[float]) -> int:
 
 def mmlu_prompt(question: str, choices: Sequence[str]) -> str:
     """lm-eval's MMLU item: the question, lettered choices, "Answer:" (the answer is scored as " A", " B", ...)."""
-    lines = [question.strip()] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(choices)]
-    return "\n".join(lines) + "\nAnswer:"
+    return f"{question.strip()}\n{format_options(choices)}\nAnswer:"
 
 
 def mmlu_description(subject: str | None) -> str:
-    about = f" about {subject.replace('_', ' ')}" if subject else ""
+    about = f" about {format_subject(subject)}" if subject else ""
     return f"The following are multiple choice questions (with answers){about}.\n\n"
 
 
 class MMLU(TaskType):
     name = "mmlu"
-    fields = ("question, choice0..choice3, answer (CSV; MMLU's header-less CSV too) or question, choices[], "
-              "answer[, subject] (Hugging Face)")
+    fields = MMLU_FIELDS
 
     def matches(self, row):
-        return "question" in row and "answer" in row and (
-            "choice0" in row or isinstance(row.get("choices"), (list, tuple)))
+        return is_mmlu_record(row)
 
     def parse(self, item_id, row, *, subject):
-        if "choices" in row:
-            choices = _choices(row["choices"], "choices")
-        else:
-            choices = [row[f"choice{k}"] for k in range(len(LETTERS)) if f"choice{k}" in row]
-            if len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-                raise ItemError("needs at least choice0 and choice1 as text")
-        question = _text(row, "question")
-        gold = _index(_get(row, "answer"), len(choices), "answer")
-        subject = row.get("subject") or subject
-        return Doc(item_id, mmlu_prompt(question, choices), list(LETTERS[:len(choices)]), gold, subject)
+        item = mmlu_item(row, subject=subject)
+        return Doc(item_id, mmlu_prompt(item.question, item.choices), list(LETTERS[:len(item.choices)]),
+                   item.answer, item.subject or None)
 
     def description(self, doc):
         return mmlu_description(doc.subject)
@@ -263,11 +138,11 @@ class ARC(TaskType):
 
     def parse(self, item_id, row, *, subject):
         if "answer_idx" in row:
-            question = _text(row, "prompt")
-            choices = _choices(_get(row, "choices"), "choices")
-            gold = _index(row["answer_idx"], len(choices), "answer_idx")
+            question = require_text(row, "prompt")
+            choices = text_choices(require(row, "choices"), "choices")
+            gold = answer_index(row["answer_idx"], len(choices), "answer_idx")
         else:
-            question, choices_field = _get(row, "question"), row.get("choices")
+            question, choices_field = require(row, "question"), row.get("choices")
             if isinstance(question, dict):  # AI2's own jsonl: question{stem, choices[{text, label}]}
                 choices_field = {"text": [c.get("text") for c in question.get("choices", [])],
                                  "label": [c.get("label") for c in question.get("choices", [])]}
@@ -276,9 +151,9 @@ class ARC(TaskType):
                 raise ItemError("field 'question' must be text (or AI2's {stem, choices})")
             if not isinstance(choices_field, dict) or "text" not in choices_field or "label" not in choices_field:
                 raise ItemError("field 'choices' must be {text: [...], label: [...]}")
-            choices = _choices(choices_field["text"], "choices.text")
+            choices = text_choices(choices_field["text"], "choices.text")
             labels = [str(x) for x in choices_field["label"]]
-            key = str(_get(row, "answerKey")).strip()
+            key = str(require(row, "answerKey")).strip()
             if key not in labels:
                 raise ItemError(f"answerKey {key!r} is not one of the labels {labels}")
             gold = labels.index(key)
@@ -304,18 +179,18 @@ class HellaSwag(TaskType):
 
     def parse(self, item_id, row, *, subject):
         if "ctx_a" in row:
-            ctx = _text(row, "ctx_a") + " " + _text(row, "ctx_b").capitalize()
+            ctx = require_text(row, "ctx_a") + " " + require_text(row, "ctx_b").capitalize()
             if row.get("activity_label"):
                 ctx = row["activity_label"] + ": " + ctx
         else:
-            ctx = _text(row, "ctx")
+            ctx = require_text(row, "ctx")
             if row.get("activity_label") and not ctx.startswith(row["activity_label"] + ":"):
                 ctx = row["activity_label"] + ": " + ctx
-        endings = _choices(_get(row, "endings"), "endings")
+        endings = text_choices(require(row, "endings"), "endings")
         label = row.get("label")
         if label is None or label == "":
             raise ItemError("no label (HellaSwag's test split is unlabelled)")
-        gold = _index(label, len(endings), "label")
+        gold = answer_index(label, len(endings), "label")
         return Doc(item_id, hellaswag_preprocess(ctx), [hellaswag_preprocess(e) for e in endings], gold)
 
 
@@ -329,7 +204,7 @@ class WinoGrande(TaskType):
         return "sentence" in row and "option1" in row and "option2" in row
 
     def parse(self, item_id, row, *, subject):
-        sentence = _text(row, "sentence")
+        sentence = require_text(row, "sentence")
         if sentence.count("_") != 1:
             raise ItemError(f"the sentence has {sentence.count('_')} blanks '_', expected one")
         answer = row.get("answer")
@@ -338,7 +213,7 @@ class WinoGrande(TaskType):
         if str(answer).strip() not in ("1", "2"):
             raise ItemError(f"answer {answer!r} is out of range: expected '1' or '2'")
         i = sentence.index("_")
-        contexts = [sentence[:i] + _text(row, "option1"), sentence[:i] + _text(row, "option2")]
+        contexts = [sentence[:i] + require_text(row, "option1"), sentence[:i] + require_text(row, "option2")]
         return Doc(item_id, "", contexts, int(str(answer).strip()) - 1, extra={"target": sentence[i + 1:].strip()})
 
     def fewshot_example(self, doc):
@@ -370,7 +245,7 @@ def _targets(value, what: str) -> tuple[list[str], list[int]]:
         choices, labels = list(value), [int(x) for x in value.values()]
     else:
         raise ItemError(f"{what} must be {{choices, labels}} or {{answer: 0/1}}")
-    _choices(choices, what)
+    text_choices(choices, what)
     if len(labels) != len(choices) or any(x not in (0, 1) for x in labels):
         raise ItemError(f"{what}: one 0/1 label per choice expected")
     if 1 not in labels:
@@ -390,11 +265,11 @@ class TruthfulQA(TaskType):
         return "mc1_targets" in row and "mc2_targets" in row
 
     def parse(self, item_id, row, *, subject):
-        mc1, mc1_labels = _targets(_get(row, "mc1_targets"), "mc1_targets")
+        mc1, mc1_labels = _targets(require(row, "mc1_targets"), "mc1_targets")
         if mc1_labels.count(1) != 1:
             raise ItemError(f"mc1_targets has {mc1_labels.count(1)} true answers, expected one")
-        mc2, mc2_labels = _targets(_get(row, "mc2_targets"), "mc2_targets")
-        query = TRUTHFULQA_PROMPT + "\n\nQ: " + _text(row, "question") + "\nA:"
+        mc2, mc2_labels = _targets(require(row, "mc2_targets"), "mc2_targets")
+        query = TRUTHFULQA_PROMPT + "\n\nQ: " + require_text(row, "question") + "\nA:"
         return Doc(item_id, query, mc1, mc1_labels.index(1), extra={"mc2": mc2, "mc2_labels": mc2_labels})
 
     def fewshot_example(self, doc):
@@ -425,12 +300,12 @@ class Belebele(TaskType):
         return "flores_passage" in row and "mc_answer1" in row
 
     def parse(self, item_id, row, *, subject):
-        answers = [_text(row, f"mc_answer{k}") for k in range(1, 5)]
-        number = str(_get(row, "correct_answer_num")).strip()
+        answers = [require_text(row, f"mc_answer{k}") for k in range(1, 5)]
+        number = str(require(row, "correct_answer_num")).strip()
         if number not in ("1", "2", "3", "4"):
             raise ItemError(f"correct_answer_num {number!r} is out of range: expected 1-4")
         gold = int(number) - 1
-        query = (f"P: {_text(row, 'flores_passage')}\nQ: {_text(row, 'question').strip()}\n"
+        query = (f"P: {require_text(row, 'flores_passage')}\nQ: {require_text(row, 'question').strip()}\n"
                  + "".join(f"{LETTERS[k]}: {a}\n" for k, a in enumerate(answers)) + "Answer:")
         return Doc(item_id, query, list("ABCD"), gold)
 
@@ -472,10 +347,10 @@ class GSM8K(TaskType):
             and "choice0" not in row
 
     def parse(self, item_id, row, *, subject):
-        answer = _text(row, "answer")
+        answer = require_text(row, "answer")
         if "####" not in answer:
             raise ItemError("the answer has no final '#### N' line to compare against")
-        return Doc(item_id, f"Question: {_text(row, 'question')}\nAnswer:", [answer], 0)
+        return Doc(item_id, f"Question: {require_text(row, 'question')}\nAnswer:", [answer], 0)
 
     def score_generation(self, doc: Doc, text: str) -> dict[str, float]:
         target = gsm8k_normalize(doc.choices[0])
@@ -515,23 +390,6 @@ class Task:
     notes: list[str] = field(default_factory=list)
 
 
-def _subject_of(path: Path) -> str:
-    return re.sub(r"_(test|dev|val|validation|train)$", "", path.stem)
-
-
-def task_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in DATA_SUFFIXES and p.is_file())
-        if not files and (path / "test").is_dir():
-            files = sorted(p for p in (path / "test").iterdir() if p.suffix.lower() in DATA_SUFFIXES)
-        if not files:
-            raise UserError(f"{path} holds no task files ({', '.join(DATA_SUFFIXES)})")
-        return files
-    if not path.exists():
-        raise UserError(f"task file {path} not found")
-    return [path]
-
-
 def default_task_name(path: Path) -> str:
     if path.is_dir():
         return path.parent.name if path.name in ("test", "dev", "val", "validation") else path.name
@@ -544,7 +402,7 @@ def load_docs(files: Sequence[Path], *, task_type: str | None, path: Path, limit
     kind: TaskType | None = TASK_TYPES[task_type] if task_type else None
     docs, skipped = [], []
     for f in files:
-        rows = read_rows(f)
+        rows = read_records(f)
         if not rows:
             continue
         if kind is None:
@@ -552,7 +410,7 @@ def load_docs(files: Sequence[Path], *, task_type: str | None, path: Path, limit
         elif task_type is None and not kind.matches(rows[0][1]):
             raise UserError(f"{f} does not look like the other {kind.name} files of {path} (fields "
                             f"{', '.join(sorted(rows[0][1]))})")
-        subject = _subject_of(f) if len(files) > 1 or kind.name == "mmlu" else None
+        subject = subject_from_filename(f) if len(files) > 1 or kind.name == "mmlu" else None
         kept = 0
         for item_id, row in rows:
             if limit is not None and kept >= limit:
@@ -581,7 +439,7 @@ def load_task(spec: str, *, task_type: str | None = None, limit: int | None = No
     """A task from "PATH" or "NAME=PATH" (zero-shot until `attach_fewshot`)."""
     name, path = split_named(spec)
     path = Path(path)
-    files = task_files(path)
+    files = benchmark_files(path)
     kind, docs, skipped = load_docs(files, task_type=task_type, path=path, limit=limit)
     return Task(name or default_task_name(path), kind, path, files, docs, skipped)
 
@@ -597,7 +455,7 @@ def attach_fewshot(task: Task, *, fewshot: str | None = None, num_fewshot: int |
         n = 0
     if n:
         if fewshot is not None:
-            shot_files = task_files(Path(fewshot))
+            shot_files = benchmark_files(Path(fewshot))
         else:
             shot_files = [s for f in task.files for s in [_sibling_split(f, "dev") or _sibling_split(f, "train")]
                           if s]

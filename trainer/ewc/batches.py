@@ -19,8 +19,9 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from trainer.benchmarks import MCItem
 from trainer.errors import UserError
-from trainer.prompts import DEFAULT_MMLU_TEMPLATE, MCItem, answer_letter_tokens, format_mmlu_prompt
+from trainer.prompts import DEFAULT_MMLU_TEMPLATE, answer_letter_tokens, format_mmlu_prompt
 
 IGNORE_INDEX = -100
 

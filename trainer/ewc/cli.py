@@ -10,21 +10,20 @@ file, gathering one tensor at a time.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from trainer.distributed import process_group_scope
+from trainer.dtypes import DTYPES, compute_dtype, dtype_name
 from trainer.errors import UserError
 from trainer.ewc.batches import encode_mmlu, prompt_batches, row_batches, text_rows
-from trainer.ewc.file import DTYPES, NORMALIZE_MODES, merge_ewc, normalize_fisher_, write_ewc
+from trainer.ewc.file import NORMALIZE_MODES, merge_ewc, normalize_fisher_, write_ewc
 from trainer.ewc.fisher import ESTIMATORS, estimate_fisher_with_stats, named_hf_parameters
-from trainer.fileio import sha256_file
+from trainer.fileio import files_sha256, sha256_file
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -77,40 +76,17 @@ def load_sharded(path, *, device: torch.device, compute_dtype: str, attention_ba
     return materialize(model, device=device, pretrained=path)
 
 
-def _data_sha256(files: list[Path]) -> str:
-    if len(files) == 1:
-        return sha256_file(files[0])
-    h = hashlib.sha256()
-    root = Path(os.path.commonpath([str(f) for f in files]))
-    for f in files:
-        h.update(f"{f.relative_to(root)}\0{sha256_file(f)}\n".encode())
-    return h.hexdigest()
-
-
-def _load_sp(path: Path):
-    import sentencepiece as spm
-
-    if not path.is_file():
-        raise UserError(f"{path}: tokenizer not found; give --tokenizer (the SentencePiece tokenizer.model)")
-    try:
-        return spm.SentencePieceProcessor(model_file=str(path))
-    except (RuntimeError, OSError) as exc:
-        raise UserError(f"{path}: not a SentencePiece model ({exc})") from None
-
-
 def run_fisher(args: argparse.Namespace) -> int:
-    created_group = not dist.is_initialized()
-    try:
+    with process_group_scope():
         return _fisher(args)
-    finally:
-        if created_group and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _fisher(args: argparse.Namespace) -> int:
+    from trainer.data.tokenize import read_sentencepiece
     from trainer.distributed import init_distributed
     from trainer.hf import HFCheckpoint
-    from trainer.prompts import DEFAULT_MMLU_TEMPLATE, load_template, mmlu_files, read_mmlu
+    from trainer.benchmarks import mmlu_files, read_mmlu
+    from trainer.prompts import DEFAULT_MMLU_TEMPLATE, load_template
 
     if args.max_samples is not None and args.max_samples < 1:
         raise UserError(f"--max-samples must be at least 1, got {args.max_samples}")
@@ -120,14 +96,14 @@ def _fisher(args: argparse.Namespace) -> int:
     # One code path for 1 and N ranks (as training): a process group always, the model always FSDP2-sharded.
     env = init_distributed(args.device)
     rank, world, device = env.rank, env.world_size, env.device
-    compute_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    compute = DTYPES[compute_name]
+    compute = compute_dtype(args.dtype, device)
+    compute_name = dtype_name(compute)
     tokenizer = Path(args.tokenizer) if args.tokenizer else Path(args.model) / "tokenizer.model"
     data = Path(args.data)
     meta: dict[str, object] = {}
     if args.format == "mmlu":
         template = load_template(args.prompt_template) if args.prompt_template else DEFAULT_MMLU_TEMPLATE
-        sp = _load_sp(tokenizer)
+        sp, _ = read_sentencepiece(tokenizer)
         items = read_mmlu(data)
         order = np.random.default_rng(args.seed).permutation(len(items))
         items = [items[i] for i in order]
@@ -154,8 +130,6 @@ def _fisher(args: argparse.Namespace) -> int:
                          f"loss: cross entropy of the answer letter)")
     else:
         seq_len = args.seq_len or 2048
-        if not tokenizer.is_file():
-            raise UserError(f"{tokenizer}: tokenizer not found; give --tokenizer (the SentencePiece tokenizer.model)")
         rows, files = text_rows(data, tokenizer=tokenizer, seq_len=seq_len, text_field=args.text_field,
                                 pad_id=config.pad_token_id, max_rows=args.max_samples)
         top = int(rows["input_ids"].max())
@@ -173,7 +147,7 @@ def _fisher(args: argparse.Namespace) -> int:
     divisor = normalize_fisher_(fisher, args.normalize)
     meta.update(estimator=args.estimator, samples=stats.samples, batches=stats.batches, batch_size=args.batch_size,
                 scored_tokens=stats.scored_tokens, skipped_batches=stats.skipped_batches,
-                data_sha256=_data_sha256(files), fisher_normalize=args.normalize, fisher_divisor=repr(divisor),
+                data_sha256=files_sha256(files), fisher_normalize=args.normalize, fisher_divisor=repr(divisor),
                 compute_dtype=compute_name, seed=args.seed,
                 model=str(Path(args.model).resolve()), world_size=world, tokenizer_sha256=sha256_file(tokenizer))
     anchors = dict(named_hf_parameters(model))

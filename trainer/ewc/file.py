@@ -7,11 +7,10 @@ name order, then the header is rewritten in place with the anchor's hash, which 
 file appears atomically under its final name (fileio.atomic_path) or not at all.
 
 Reading into a sharded model reads only this rank's slice of each tensor (safetensors slicing, the rows FSDP2's
-Shard(0) gives this rank: torch.chunk semantics, uneven last shard, possibly empty) and returns DTensors placed
-like the parameters. Validation on load: every parameter present, shapes equal, Fisher finite and non-negative,
-anchor finite, and the anchor equal to the weights being trained (a warning naming the largest difference, or
-an error with strict=True: training from a model other than the one the Fisher was computed for is the most
-common silent mistake).
+Shard(0) gives this rank: trainer.distributed.local_index) and returns DTensors placed like the parameters.
+Validation on load: every parameter present, shapes equal, Fisher finite and non-negative, anchor finite, and the
+anchor equal to the weights being trained (a warning naming the largest difference, or an error with strict=True:
+training from a model other than the one the Fisher was computed for is the most common silent mistake).
 """
 
 from __future__ import annotations
@@ -30,8 +29,10 @@ from typing import Callable, Iterable, Mapping
 import torch
 import torch.distributed as dist
 
+from trainer.distributed import is_dtensor, like_param, local_index, local_tensor
+from trainer.dtypes import dtype_name
 from trainer.errors import UserError
-from trainer.ewc.fisher import is_sharded, like_param, local, named_hf_parameters
+from trainer.ewc.fisher import named_hf_parameters
 from trainer.fileio import atomic_path, sha256_file
 
 FORMAT = "gemma-ewc/ewc-v1"
@@ -41,12 +42,7 @@ NORMALIZE_MODES = ("none", "mean", "max")
 
 _ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 _TORCH_DTYPE = {v: k for k, v in _ST_DTYPE.items()}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 _HEADER_SLACK = 1024  # bytes reserved for metadata that is only known after the tensors are written
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # ----------------------------------------------------------------------------------------------- streaming write
@@ -128,7 +124,7 @@ def write_safetensors_streaming(path: str | os.PathLike, specs: list[tuple[str, 
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if is_sharded(t) else t
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 def _is_writer() -> bool:
@@ -182,7 +178,7 @@ def write_ewc(path: str | os.PathLike, *, fisher: Mapping[str, torch.Tensor], an
         return final
 
     write_safetensors_streaming(path, specs, fetch, meta, write=writer)
-    if dist.is_initialized() and any(is_sharded(t) for t in fisher.values()):
+    if dist.is_initialized() and any(is_dtensor(t) for t in fisher.values()):
         dist.barrier()  # the file exists for every rank once any rank returns
     return final
 
@@ -251,33 +247,6 @@ def read_header(path: str | os.PathLike) -> EWCHeader:
     if not fisher:
         raise UserError(f"{path}: the EWC file holds no tensors")
     return EWCHeader(path, metadata, fisher, _TORCH_DTYPE[dtypes[FISHER].pop()], _TORCH_DTYPE[dtypes[ANCHOR].pop()])
-
-
-def local_index(param) -> tuple[slice, ...]:
-    """The index of this rank's part of a DTensor parameter within the full tensor (all of it for a plain one).
-
-    Shard(d) on a mesh dimension of size n gives rank r the r-th torch.chunk of dim d: chunks of ceil(size/n),
-    the last one shorter and trailing ones empty; Replicate keeps the whole dimension.
-    """
-    if not is_sharded(param):
-        return tuple(slice(0, n) for n in param.shape)
-    from torch.distributed.tensor import Replicate, Shard
-
-    ranges = [[0, n] for n in param.shape]
-    for mesh_dim, placement in enumerate(param.placements):
-        if isinstance(placement, Replicate):
-            continue
-        if type(placement) is not Shard:  # e.g. _StridedShard (FSDP over tensor parallel): not contiguous rows
-            raise ValueError(f"placement {placement} is not supported for EWC loading (only Shard and Replicate)")
-        start, stop = ranges[placement.dim]
-        parts = param.device_mesh.size(mesh_dim)
-        chunk = -(-(stop - start) // parts)
-        lo = min(start + param.device_mesh.get_local_rank(mesh_dim) * chunk, stop)
-        ranges[placement.dim] = [lo, min(lo + chunk, stop)]
-    index = tuple(slice(a, b) for a, b in ranges)
-    expected = tuple(b - a for a, b in ranges)
-    assert expected == tuple(local(param).shape), (expected, tuple(local(param).shape))
-    return index
 
 
 def _check_fisher_values(name: str, t: torch.Tensor) -> str | None:
@@ -351,7 +320,7 @@ def load_ewc(path: str | os.PathLike, model=None, *, strict: bool = False, norma
             raise UserError(f"{header.path}: {n} has shape {fs} in the EWC file but {ms} in the model"
                             + (f" ({len(wrong) - 1} more mismatch(es))" if len(wrong) > 1 else "")
                             + "; was the Fisher computed for another model?")
-        sharded = any(is_sharded(p) for _, p in named)
+        sharded = any(is_dtensor(p) for _, p in named)
     fisher_dtype = fisher_dtype or header.fisher_dtype
     anchor_dtype = anchor_dtype or header.anchor_dtype
     fisher, anchor, problems = {}, {}, []
@@ -359,7 +328,7 @@ def load_ewc(path: str | os.PathLike, model=None, *, strict: bool = False, norma
     with _open(header.path) as f:
         for name, param in targets.items():
             index = local_index(param) if param is not None else None
-            dev = device if device is not None else (local(param).device if param is not None else "cpu")
+            dev = device if device is not None else (local_tensor(param).device if param is not None else "cpu")
             fs, an = f.get_slice(FISHER + name), f.get_slice(ANCHOR + name)
             # Read this rank's slice only, then check on the device (a GPU checks 10 GB in milliseconds).
             fl = (fs[index] if index is not None else fs[:]).to(dev)
@@ -371,7 +340,7 @@ def load_ewc(path: str | os.PathLike, model=None, *, strict: bool = False, norma
                 problems.append(f"anchor.{name} has {int((~torch.isfinite(al)).sum())} non-finite value(s)")
             if param is not None and al.numel():
                 # Compare in the file's anchor dtype: a float32 model loaded from a bfloat16 checkpoint is equal.
-                w = local(param).detach().to(header.anchor_dtype)
+                w = local_tensor(param).detach().to(header.anchor_dtype)
                 wide = torch.promote_types(header.anchor_dtype, torch.float32)
                 diffs[name] = (w.to(wide) - al.to(wide)).abs().max().item()
             elif param is not None:
@@ -408,7 +377,7 @@ def load_ewc(path: str | os.PathLike, model=None, *, strict: bool = False, norma
 # ------------------------------------------------------------------------------------------------ normalisation
 
 def _replication(t) -> int:
-    if not is_sharded(t):
+    if not is_dtensor(t):
         return 1
     from torch.distributed.tensor import Replicate
 
@@ -422,8 +391,8 @@ def fisher_divisor(fisher: Mapping[str, torch.Tensor], mode: str) -> float:
     if mode == "none":
         return 1.0
     tensors = list(fisher.values())
-    sharded = any(is_sharded(t) for t in tensors)
-    locals_ = [local(t) for t in tensors]
+    sharded = any(is_dtensor(t) for t in tensors)
+    locals_ = [local_tensor(t) for t in tensors]
     device = locals_[0].device
     if mode == "mean":
         # A replicated shard is held by several ranks: count it once.
@@ -453,7 +422,7 @@ def normalize_fisher_(fisher: Mapping[str, torch.Tensor], mode: str) -> float:
     """
     divisor = fisher_divisor(fisher, mode)
     if divisor != 1.0:
-        torch._foreach_div_([local(t) for t in fisher.values()], divisor)
+        torch._foreach_div_([local_tensor(t) for t in fisher.values()], divisor)
     return divisor
 
 

@@ -37,7 +37,9 @@ from typing import Iterable, Mapping
 import torch
 import torch.distributed as dist
 from kernels.linear_cross_entropy import default_chunk_rows, linear_cross_entropy
+from trainer.distributed import is_dtensor, like_param, local_tensor
 from trainer.errors import UserError
+from trainer.hf import to_hf_name
 
 IGNORE_INDEX = -100
 ESTIMATORS = ("empirical", "sampled")
@@ -49,32 +51,11 @@ def hf_param_name(name: str) -> str:
     """Our parameter name (maybe wrapped) -> Hugging Face name (`model.layers.0...`)."""
     for part in _WRAPPER_PARTS:
         name = name.replace(part, "")
-    return "model." + name
+    return to_hf_name(name)
 
 
 def named_hf_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(hf_param_name(n), p) for n, p in model.named_parameters()]
-
-
-def is_sharded(tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a DTensor, or the tensor itself."""
-    return tensor.to_local() if is_sharded(tensor) else tensor
-
-
-def like_param(value: torch.Tensor, param) -> torch.Tensor:
-    """Wrap a local shard as a DTensor placed exactly like `param` (or return it for a plain parameter)."""
-    if not is_sharded(param):
-        return value
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(value, param.device_mesh, param.placements, run_check=False, shape=param.shape,
-                              stride=param.stride())
 
 
 @dataclass
@@ -165,10 +146,10 @@ def estimate_fisher_with_stats(model, batches: Iterable[Mapping[str, torch.Tenso
     if master not in (torch.float32, torch.float64):
         raise ValueError(f"the model's parameters are {master}; load them in float32 (the gradients and their "
                          f"squares need it) and pass compute_dtype=torch.bfloat16 for bfloat16 matmuls")
-    sharded = is_sharded(params[0])
+    sharded = is_dtensor(params[0])
     world = dist.get_world_size() if sharded else 1
     rank = dist.get_rank() if sharded else 0
-    device = local(params[0]).device
+    device = local_tensor(params[0]).device
     if sharded:
         _register_fsdp_methods(model)
     use_autocast = compute_dtype is not None and compute_dtype != master
@@ -179,7 +160,7 @@ def estimate_fisher_with_stats(model, batches: Iterable[Mapping[str, torch.Tenso
         # they agree in distribution, not draw by draw.
         generator = torch.Generator(device=device).manual_seed(seed + 1_000_003 * rank)
 
-    sums = [torch.zeros_like(local(p), dtype=master) for p in params]
+    sums = [torch.zeros_like(local_tensor(p), dtype=master) for p in params]
     stats = FisherStats(world_size=world)
     bar = None
     if progress and rank == 0:
@@ -236,7 +217,7 @@ def estimate_fisher_with_stats(model, batches: Iterable[Mapping[str, torch.Tenso
             for p in params:
                 if p.grad is None:  # a parameter this batch does not reach: its gradient is zero
                     p.grad = torch.zeros_like(p)
-                grads.append(local(p.grad))
+                grads.append(local_tensor(p.grad))
             finite = _all_finite(grads)
             if sharded:
                 flag = finite.to(torch.float64).reshape(1)

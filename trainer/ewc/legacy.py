@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.dtypes import dtype_name
 from trainer.errors import UserError
 from trainer.ewc.file import write_ewc
 from trainer.fileio import sha256_file
@@ -69,13 +70,7 @@ def load_legacy_pickle(path: str | os.PathLike):
     refuse = (f"{path}: refused to load: the pickle references {{}}, which is not a tensor, list, tuple or dict. "
               f"Loading it could run arbitrary code; only the reference study's (anchors, fisher) pickle is read")
     if zipfile.is_zipfile(path):
-        try:
-            return torch.load(path, weights_only=True, map_location="cpu")
-        except pickle.UnpicklingError as exc:
-            raise UserError(refuse.format(f"something torch's weights_only loader rejects ({_first_line(exc)})")
-                            ) from None
-        except Exception as exc:
-            raise UserError(f"{path}: not a readable torch.save file ({_first_line(exc)})") from None
+        return _torch_load(path, refuse)
     with open(path, "rb") as fh:
         try:
             obj = RestrictedUnpickler(fh).load()
@@ -84,12 +79,19 @@ def load_legacy_pickle(path: str | os.PathLike):
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
             raise UserError(f"{path}: not a readable pickle (truncated or damaged: {exc!r})") from None
     if isinstance(obj, int):  # legacy (pre-zip) torch.save files begin with a magic number pickle
-        try:
-            return torch.load(path, weights_only=True, map_location="cpu")
-        except pickle.UnpicklingError as exc:
-            raise UserError(refuse.format(f"something torch's weights_only loader rejects ({_first_line(exc)})")
-                            ) from None
+        return _torch_load(path, refuse)
     return obj
+
+
+def _torch_load(path: Path, refuse: str):
+    """A torch.save file through torch's weights_only loader (tensors and containers only)."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise UserError(refuse.format(f"something torch's weights_only loader rejects ({_first_line(exc)})")
+                        ) from None
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable torch.save file ({_first_line(exc)})") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -166,7 +168,7 @@ def import_legacy(path: str | os.PathLike, out: str | os.PathLike, *, inf_cap: f
         "source": str(path), "parameters": len(fisher), "entries": entries, "inf_cap": inf_cap,
         "capped_infinities": capped_total, "capped_fraction": capped_total / entries if entries else 0.0,
         "capped_by_parameter": [{"name": n, "count": c} for c, n in per_param[:10]],
-        "fisher_source_dtype": str(next(iter(fisher.values())).dtype).removeprefix("torch."),
+        "fisher_source_dtype": dtype_name(next(iter(fisher.values())).dtype),
         "notes": notes,
     }
     metadata = {
