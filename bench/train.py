@@ -12,9 +12,8 @@ Four configurations on the same batch of packed rows, side by side in one run:
                  parameters (F in float16 as there, θ* float32), then backward and clipping of the total.
 each with EWC off and on (λ = --lambda, random F ≥ 0, θ* = the initial weights). transformers sees the same tokens
 without the document boundaries (its eager attention has no packed masks), so its attention does at least as much
-work; MFU counts each side's own attention FLOPs. Reported: median step time over alternating EWC off/on rounds,
-tokens/s, MFU, peak memory (CUDA; the peak of the implementation's run, both optimizers included), and the ratios
-ours / transformers and EWC on / off.
+work; MFU counts each side's own attention FLOPs. Reported: median step time (CPU: over alternating EWC off/on rounds),
+tokens/s, MFU, peak memory (CUDA, per configuration), and the ratios ours / transformers and EWC on / off.
 """
 
 from __future__ import annotations
@@ -155,10 +154,12 @@ def _run(args: argparse.Namespace) -> int:
         else:
             model = _hf_model(config, device=device)
             flops = training_flops_per_token(config, args.seq_len)  # full causal rows: no document masks
-        # EWC off and on share the model and are timed in alternating rounds, so drifts of the machine (clocks,
-        # neighbours) affect both alike.
-        steps, samples, errors = {}, {False: [], True: []}, {}
-        for ewc in (False, True):
+        # EWC off and on share the model. On CPU they are timed in alternating rounds, so drifts of the machine
+        # (clocks, neighbours) affect both alike; on a GPU (steady, but memory-bound for 2B+ models) one after the
+        # other, so that only one optimizer's state exists at a time.
+        steps, samples, errors, peak_gb = {}, {False: [], True: []}, {}, {}
+
+        def prepare(ewc: bool) -> None:
             try:
                 if impl == "gemma-ewc":
                     steps[ewc] = _our_step(model, batch, device=device, ewc=ewc, lam=args.lam)
@@ -170,9 +171,27 @@ def _run(args: argparse.Namespace) -> int:
                 errors[ewc] = f"out of memory: {str(exc).splitlines()[0]}"
                 steps.pop(ewc, None)
                 _free(device)
-        for _ in range(args.steps):
-            for ewc, step in steps.items():
-                samples[ewc].append(time_fn(step, device=device, warmup=0, repeat=1)["median_s"])
+
+        def measure(ewc: bool) -> None:
+            samples[ewc].append(time_fn(steps[ewc], device=device, warmup=0, repeat=1)["median_s"])
+
+        if device.type == "cuda":
+            for ewc in (False, True):
+                _free(device)
+                prepare(ewc)
+                if ewc in steps:
+                    for _ in range(args.steps):
+                        measure(ewc)
+                    peak_gb[ewc] = torch.cuda.max_memory_allocated(device) / 2**30
+                    del steps[ewc]
+                    for p in model.parameters():
+                        p.grad = None
+        else:
+            for ewc in (False, True):
+                prepare(ewc)
+            for _ in range(args.steps):
+                for ewc in list(steps):
+                    measure(ewc)
         for ewc in (False, True):
             if ewc in errors:
                 rows.append({"impl": impl, "ewc": ewc, "error": errors[ewc]})
@@ -180,13 +199,11 @@ def _run(args: argparse.Namespace) -> int:
             median = statistics.median(samples[ewc])
             rows.append({"impl": impl, "ewc": ewc, "step_ms": 1e3 * median, "tokens_per_s": tokens / median,
                          "mfu": tokens / median * flops / peak, "flops_per_token": flops,
-                         "max_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30
-                                           if device.type == "cuda" else None),
-                         "step_s": samples[ewc]})
-        del steps
+                         "max_memory_gb": peak_gb.get(ewc), "step_s": samples[ewc]})
+        steps.clear()
         for p in model.parameters():
             p.grad = None
-        del model
+        model = None
     by = {(r["impl"], r["ewc"]): r for r in rows}
     for r in rows:
         if "tokens_per_s" not in r:
