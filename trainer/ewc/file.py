@@ -355,9 +355,12 @@ def load_ewc(path: str | os.PathLike, model=None, *, strict: bool = False, norma
     state = EWCState(fisher, anchor, dict(header.metadata))
     if model is not None and diffs:
         names = list(diffs)
-        values = torch.tensor([diffs[n] for n in names], dtype=torch.float64)
+        # On the parameters' device: NCCL reduces only CUDA tensors.
+        device = local_tensor(next(iter(targets.values()))).device
+        values = torch.tensor([diffs[n] for n in names], dtype=torch.float64, device=device)
         if sharded:
             dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        values = values.cpu()
         i = int(values.argmax())
         state.max_anchor_diff, state.max_anchor_diff_param = float(values[i]), names[i]
         if state.max_anchor_diff > 0:
