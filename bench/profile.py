@@ -81,10 +81,14 @@ def run_profile(args: argparse.Namespace) -> int:
     step_us = 0.0  # time of the fused optimizer step: its Triton launches on CUDA, its CPU span on CPU
     for event in prof.key_averages():
         device_us = getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0))
+        if cuda and event.device_type != torch.autograd.DeviceType.CUDA:
+            # On a GPU the table lists kernels (device events) only: an operator's device time is the sum of
+            # its kernels' and would count them twice.
+            continue
         self_us = device_us if cuda else event.self_cpu_time_total
         if cuda and "ewc_adamw" in event.key and "norm" not in event.key:
             step_us += device_us
-        if not cuda and event.key == EWC_STEP_MARK:
+        if not cuda and event.key == EWC_STEP_MARK:  # on a GPU its Triton launches are timed above
             step_us += event.cpu_time_total
             self_us = event.cpu_time_total  # the C++ kernel runs inside this span without an operator of its own
         if self_us <= 0:
