@@ -23,6 +23,8 @@ from bench.common import format_table, machine_info
 from trainer.distributed import local_tensor, process_group_scope
 
 EWC_STEP_MARK = "ewc_adamw_step"
+CPU_SIDE_PREFIXES = ("aten::", "ProfilerStep", "FSDP::", "Optimizer.", "cuda", "autograd::", "c10d::",
+                     EWC_STEP_MARK)
 
 
 def configure_profile(p: argparse.ArgumentParser) -> None:
@@ -81,9 +83,9 @@ def run_profile(args: argparse.Namespace) -> int:
     step_us = 0.0  # time of the fused optimizer step: its Triton launches on CUDA, its CPU span on CPU
     for event in prof.key_averages():
         device_us = getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0))
-        if cuda and event.device_type != torch.autograd.DeviceType.CUDA:
-            # On a GPU the table lists kernels (device events) only: an operator's device time is the sum of
-            # its kernels' and would count them twice.
+        if cuda and event.key.startswith(CPU_SIDE_PREFIXES):
+            # On a GPU the table lists kernels and copies only: the device time of an operator or an annotation
+            # (the profiler step, FSDP's hooks, the optimizer's span) is that of kernels listed on their own.
             continue
         self_us = device_us if cuda else event.self_cpu_time_total
         if cuda and "ewc_adamw" in event.key and "norm" not in event.key:
