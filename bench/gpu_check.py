@@ -71,9 +71,11 @@ def parts() -> list[Part]:
              170, ["ours_ewc_tokens_per_s", "ours_ewc_mfu", "ours_ewc_max_memory_gb",
                    "ours_ewc_speedup_vs_transformers", "ours_ewc_ewc_overhead"]),
         Part("gpu-tests", "GPU-marked tests (compiled Triton, CUDA model checks)",
-             [PY, "-m", "pytest", "-q", "-m", "gpu", "tests", "-p", "no:cacheprovider",
-              "--junitxml={out}.xml"],
-             [PY, "-m", "pytest", "-q", "-m", "gpu", "tests", "-p", "no:cacheprovider", "--junitxml={out}.xml"],
+             # --tb=short and no captured DEBUG logs: a failure's assertion and its seed fit in the log tail.
+             [PY, "-m", "pytest", "-q", "-m", "gpu", "tests", "-p", "no:cacheprovider", "-p", "no:logging",
+              "--tb=short", "-rfE", "--junitxml={out}.xml"],
+             [PY, "-m", "pytest", "-q", "-m", "gpu", "tests", "-p", "no:cacheprovider", "-p", "no:logging",
+              "--tb=short", "-rfE", "--junitxml={out}.xml"],
              120, ok_codes=(0, 5)),  # pytest's 5: no GPU test selected (all deselected on a dry run)
         Part("model-2b", "gemma2-2b forward+backward, bf16, flex, packed 4096-token rows",
              cli + ["bench", "model", "--preset", "gemma2-2b", "--seq-len", "4096", "--device", "cuda",
@@ -130,7 +132,7 @@ def run_parts(*, dry_run: bool, work: Path, only: list[str] | None, budget_s: fl
             status = f"timed out after {limit:.0f}s"
             log = (exc.stdout or b"").decode(errors="replace") + (exc.stderr or b"").decode(errors="replace")
         seconds = time.perf_counter() - start
-        tail = "\n".join(log.strip().splitlines()[-25:])
+        tail = "\n".join(log.strip().splitlines()[-25 if status == "ok" else -80:])
         print(tail + "\n", flush=True)
         row = {"part": part.name, "what": part.what, "status": status, "seconds": round(seconds, 1),
                "log_tail": tail if status != "ok" else ""}
