@@ -181,7 +181,8 @@ class Gemma2(nn.Module):
         super().__init__()
         self.config = config
         self.attention_backend = attention_backend
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # padding_idx as transformers: lookups of the pad token send no gradient to its row.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
