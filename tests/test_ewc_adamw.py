@@ -53,7 +53,7 @@ def run_steps(step_fn, params, grads, fishers, anchors, *, ewc_lambda, grad_scal
     return p, m, v, sums
 
 
-def assert_rel_close(actual, expected, *, rtol, what, elementwise_slack=10):
+def assert_rel_close(actual, expected, *, rtol, what, elementwise_slack=100):
     """Relative error of a list of tensors: ||a - b|| <= rtol * ||b|| over the whole list (the issue's bound), and
     every element within elementwise_slack * rtol * max |b| (so one wrong element or block cannot hide in a norm).
 
@@ -62,8 +62,9 @@ def assert_rel_close(actual, expected, *, rtol, what, elementwise_slack=10):
     then shows as a large elementwise relative error. The slack is for Adam itself: where v is tiny, m / sqrt(v)
     turns a one-ulp difference in p (a compiled GPU kernel contracts p * decay + step * u into an FMA where the
     reference rounds twice) into a larger one after a few steps. Perturbing p by one ulp after every step of the
-    reference on 4.1M elements (the GPU test sizes) gives up to 1.4e-6 of max |b| elementwise, 2.4e-7 by norm;
-    a wrong element (a wrong sign, scale or bias correction) is off by 1e-3 or more.
+    reference on 4.1M elements (the GPU test sizes) gives, over 40 seeds, a median of 6e-7 and a worst of 5.8e-6
+    of max |b| elementwise (a heavy tail), and 2.4e-7 by norm; a wrong sign, scale or bias correction on an element
+    is off by 1e-3 or more.
     """
     err_sq = ref_sq = err_max = ref_max = 0.0
     worst = None
@@ -143,6 +144,29 @@ def test_rel_close_sees_one_wrong_element_among_millions():
     actual[0] *= 1 + 3e-6  # every element slightly off (within the elementwise slack): the norm sees it
     with pytest.raises(AssertionError, match=r"\|\|error\|\|"):
         assert_rel_close(actual, expected, rtol=1e-6, what="p")
+
+
+def test_rel_close_passes_one_ulp_of_rounding_noise(seed):
+    """The bound leaves room for what a correct compiled kernel may differ by: the reference with p moved by one
+    ulp on a random half of its elements after every step (a different FMA contraction) still passes."""
+    params, grads, fishers, anchors = make_case(SIZES + [(1000, 4099)], fisher_dtype=torch.bfloat16)
+
+    def nudge(p):
+        for x in p:
+            up = torch.nextafter(x, torch.full_like(x, float("inf")))
+            x.copy_(torch.where(torch.rand_like(x) < 0.5, up, x))
+
+    def perturbed(p, g, m, v, **kw):
+        out = K.ewc_adamw_ref(p, g, m, v, **kw)
+        nudge(p)
+        return out
+
+    scales = [torch.tensor(s) for s in (0.5, 1.0, 0.25, 0.8, 0.9)]
+    ref = run_steps(K.ewc_adamw_ref, params, grads, fishers, anchors, ewc_lambda=0.7, grad_scales=scales)
+    out = run_steps(perturbed, params, grads, fishers, anchors, ewc_lambda=0.7, grad_scales=scales)
+    for name, a, b in zip("pmv", out[:3], ref[:3]):
+        assert not all(torch.equal(x, y) for x, y in zip(a, b))
+        assert_rel_close(a, b, rtol=1e-6, what=name)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
