@@ -95,6 +95,51 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
     assert stats.replaced == 2
 
 
+def test_surrogate_escapes_lone_or_paired_either_case(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(b'{"text": "pair \\ud83d\\ude00"}\n{"text": "low \\uDC00 high \\uDBFF"}\n'
+                     b'{"text": "hangul \\ud55c, a backslash \\\\ud800"}\n')
+    stats = ReadStats()
+    assert list(read_documents(path, stats=stats)) == ["pair \U0001F600", "low \ufffd high \ufffd",
+                                                       "hangul \ud55c, a backslash \\ud800"]
+    assert stats.replaced == 2
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 40, 1 << 20])
+def test_jsonl_with_crlf_whitespace_lines_and_no_final_newline(tmp_path, chunk_bytes):
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b'\r\n  \n{"text": "a"}\r\n{"text": "b c"}\n \t \n\n{"text": ""}\r\n{"text": "last"}')
+    stats = ReadStats()
+    assert list(read_documents(path, stats=stats, chunk_bytes=chunk_bytes)) == ["a", "b c", "", "last"]
+    assert stats.replaced == 0
+
+
+def test_plain_files_are_cut_into_byte_ranges_the_worker_reads(tmp_path, seed):
+    """The reading process carries no text for a plain file: chunks are byte ranges covering it exactly."""
+    docs = _random_docs(seed, n=200)
+    path = tmp_path / "c.jsonl"
+    _write_jsonl(path, docs)
+    chunks = list(iter_chunks(path, chunk_bytes=500))
+    assert len(chunks) > 5 and all(c.payload is None for c in chunks)
+    assert [c.offset for c in chunks] == [0] + [c.offset + c.length for c in chunks[:-1]]
+    assert sum(c.length for c in chunks) == path.stat().st_size
+    assert all(c.data().endswith(b"\n") for c in chunks)
+    assert [d for c in chunks for d in parse_chunk(c)[0]] == docs
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+@pytest.mark.parametrize("chunk_bytes", [1, 64, 1 << 20])
+def test_error_line_numbers_hold_in_later_chunks(tmp_path, suffix, chunk_bytes):
+    lines = [json.dumps({"text": f"document {i}"}) for i in range(60)]
+    lines[5] = ""  # blank lines count as lines
+    lines[41] = '{"content": "no text"}'
+    path = tmp_path / f"c{suffix}"
+    data = ("\r\n".join(lines) + "\n").encode()
+    path.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
+    with pytest.raises(UserError, match=rf"c\{suffix}:42: no field 'text'"):
+        list(read_documents(path, chunk_bytes=chunk_bytes))
+
+
 def test_missing_text_field_names_field_file_and_line(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text('{"text": "a"}\n{"content": "b"}\n')

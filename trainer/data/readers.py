@@ -46,15 +46,47 @@ class ReadStats:
 class Chunk:
     """Whole documents of one file, still unparsed: picklable, so a worker process can parse it.
 
-    kind "jsonl" / "text": `payload` is bytes of complete lines; kind "parquet": a pyarrow Array of the text column.
-    `first_line` (1-based) places errors in the file: the line of JSON Lines, the row of Parquet.
+    kind "jsonl" / "text": complete lines, either carried in `payload` (gzip input, which cannot be sought) or, for
+    plain files, only named by their byte range (`offset`, `length`) and read by the worker, so the reading process
+    neither reads nor ships the text; kind "parquet": `payload` is a pyarrow Array of the text column.
+    `first_line` (1-based) places errors in the file: the line of JSON Lines, the row of Parquet; for a byte range
+    it is counted only when an error needs it.
     """
 
     kind: str
     path: str
     payload: object
     text_field: str = "text"
-    first_line: int = 1
+    first_line: int | None = 1
+    offset: int = 0
+    length: int = 0
+
+    def data(self) -> bytes:
+        """The chunk's bytes (JSON Lines and text)."""
+        if self.payload is not None:
+            return self.payload  # type: ignore[return-value]
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset)
+            data = fh.read(self.length)
+        if len(data) != self.length:
+            raise UserError(f"{self.path}: the file shrank while it was being read (expected {self.length} bytes at "
+                            f"offset {self.offset}, got {len(data)}); read a file nothing else is writing")
+        return data
+
+    def line(self, index: int) -> int:
+        """The file's line (row) number of the chunk's `index`-th line (row), counting from 0."""
+        if self.first_line is None:
+            newlines = 0
+            with open(self.path, "rb") as fh:
+                remaining = self.offset
+                while remaining:
+                    block = fh.read(min(remaining, 1 << 20))
+                    if not block:
+                        break
+                    newlines += block.count(b"\n")
+                    remaining -= len(block)
+            self.first_line = newlines + 1
+        return self.first_line + index
 
 
 def file_format(path: str | os.PathLike) -> str:
@@ -119,35 +151,59 @@ def _replace_lone_surrogates(text: str) -> tuple[str, int]:
 
 # --- chunking (reading process) ---------------------------------------------------------------------------------
 
-def _open_binary(path: Path) -> io.BufferedIOBase:
-    if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    return open(path, "rb")
+def _check_not_json_array(path: Path, kind: str, head: bytes) -> None:
+    if kind == "jsonl" and head.lstrip()[:1] == b"[":
+        raise UserError(f"{path}: this is a JSON array, not JSON Lines; write one JSON object per line "
+                        "(for example: jq -c '.[]' in.json > out.jsonl)")
+
+
+def _complete_chunk(fh: io.BufferedIOBase, kind: str, block: bytes) -> list[bytes]:
+    """What to read after `block` so the chunk ends at the end of a line (a document, for plain text)."""
+    tail = []
+    if block and not block.endswith(b"\n"):
+        tail.append(fh.readline())
+    if kind == "text":
+        while True:
+            line = fh.readline()
+            tail.append(line)
+            if not line or not line.strip():
+                break
+    return tail
 
 
 def _line_chunks(path: Path, kind: str, text_field: str, chunk_bytes: int) -> Iterator[Chunk]:
-    with _open_binary(path) as fh:
+    if path.name.lower().endswith(".gz"):
+        yield from _gzip_line_chunks(path, kind, text_field, chunk_bytes)
+        return
+    # A plain file is cut into byte ranges: seek ahead, read to the end of that line, and leave the rest to the
+    # worker. The reading process touches one line per chunk, so on few cores it takes no time from the workers.
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        _check_not_json_array(path, kind, fh.read(64))
+        start = 0
+        while start < size:
+            fh.seek(min(start + max(chunk_bytes, 1), size) - 1)
+            last = fh.read(1)
+            _complete_chunk(fh, kind, last)
+            end = fh.tell()
+            yield Chunk(kind, str(path), None, text_field, first_line=1 if start == 0 else None, offset=start,
+                        length=end - start)
+            start = end
+
+
+def _gzip_line_chunks(path: Path, kind: str, text_field: str, chunk_bytes: int) -> Iterator[Chunk]:
+    with gzip.open(path, "rb") as fh:
         line_no = 1
         first = True
         while True:
             block = fh.read(chunk_bytes)
             if not block:
                 return
-            if first and kind == "jsonl" and block.lstrip()[:1] == b"[":
-                raise UserError(f"{path}: this is a JSON array, not JSON Lines; write one JSON object per line "
-                                "(for example: jq -c '.[]' in.json > out.jsonl)")
+            if first:
+                _check_not_json_array(path, kind, block)
             first = False
-            # Complete the last line (and, for plain text, the last document: read up to a blank line).
-            tail = [block]
-            if not block.endswith(b"\n"):
-                tail.append(fh.readline())
-            if kind == "text":
-                while True:
-                    line = fh.readline()
-                    tail.append(line)
-                    if not line or not line.strip():
-                        break
-            payload = b"".join(tail) if len(tail) > 1 else block
+            tail = _complete_chunk(fh, kind, block)  # type: ignore[arg-type]
+            payload = b"".join([block, *tail]) if tail else block
             yield Chunk(kind, str(path), payload, text_field, line_no)
             line_no += payload.count(b"\n")
 
@@ -202,22 +258,50 @@ def iter_chunks(path: str | os.PathLike, *, text_field: str = "text",
 _BLANK_LINES = re.compile(r"\n\s*\n")
 
 
-def _parse_jsonl(chunk: Chunk) -> tuple[list[str], int]:
-    # Fast path: the chunk as one JSON array (one C-level parse instead of one json.loads per line). Anything odd
-    # (bad JSON, a missing field, a non-string) falls back to the line-by-line parse, which names file and line.
-    text, replaced = decode_utf8(chunk.payload)  # type: ignore[arg-type]
-    lines = [line for line in text.split("\n") if line.strip()]
-    field = chunk.text_field
+# A JSON escape of a UTF-16 surrogate (\ud800 to \udfff): json.loads turns an unpaired one into a str that cannot
+# be encoded as UTF-8. Searched for only where the bytes hold a backslash at all (one memchr).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _may_hold_lone_surrogates(data: bytes) -> bool:
+    return b"\\" in data and _SURROGATE_ESCAPE.search(data) is not None
+
+
+def _texts_of_records(array_text: str, expected: int, field: str) -> list[str] | None:
+    """The `field` of each record of a JSON array holding `expected` objects; None where anything is off."""
     try:
-        records = json.loads("[" + ",".join(lines) + "]")
-        texts = [r[field] for r in records] if len(records) == len(lines) else None
-        if texts is not None and not all(type(t) is str for t in texts):
-            texts = None
+        records = json.loads(array_text)
+        if len(records) != expected:
+            return None
+        texts = [r[field] for r in records]
     except (json.JSONDecodeError, KeyError, TypeError, IndexError):
-        texts = None
+        return None
+    return texts if all(type(t) is str for t in texts) else None
+
+
+def _parse_jsonl(chunk: Chunk) -> tuple[list[str], int]:
+    # Fast path: the chunk as one JSON array (one C-level parse instead of one json.loads per line): its newlines
+    # become commas, or, where blank lines make that invalid, its non-blank lines are joined. Anything odd (bad
+    # JSON, a missing field, a non-string) falls back to the line-by-line parse, which names file and line.
+    # Newlines are replaced in the bytes, before decoding (fewer copies; byte 0x0A is never inside a UTF-8
+    # sequence, so the replacements counted are the same).
+    data = chunk.data()
+    field = chunk.text_field
+    start, end = 0, len(data)
+    while end > start and data[end - 1] in b" \t\r\n":  # a view, not a copy, of the stripped bytes
+        end -= 1
+    while start < end and data[start] in b" \t\r\n":
+        start += 1
+    array = b"[" + memoryview(data)[start:end] + b"]"
+    text, replaced = decode_utf8(array.replace(b"\n", b","))
+    texts = _texts_of_records(text, array.count(b"\n") + 1 if end > start else 0, field)
     if texts is None:
-        return _parse_jsonl_lines(chunk)
-    if "\\ud" in text or "\\uD" in text:
+        text, replaced = decode_utf8(data)
+        lines = [line for line in text.split("\n") if line.strip()]
+        texts = _texts_of_records("[" + ",".join(lines) + "]", len(lines), field)
+    if texts is None:
+        return _parse_jsonl_lines(chunk, data)
+    if _may_hold_lone_surrogates(data):
         for i, t in enumerate(texts):
             try:
                 t.encode("utf-8")
@@ -227,11 +311,11 @@ def _parse_jsonl(chunk: Chunk) -> tuple[list[str], int]:
     return texts, replaced
 
 
-def _parse_jsonl_lines(chunk: Chunk) -> tuple[list[str], int]:
+def _parse_jsonl_lines(chunk: Chunk, data: bytes) -> tuple[list[str], int]:
     texts: list[str] = []
     replaced = 0
     field = chunk.text_field
-    for i, raw in enumerate(chunk.payload.split(b"\n")):  # type: ignore[union-attr]
+    for i, raw in enumerate(data.split(b"\n")):
         if not raw.strip():
             continue
         line, bad = decode_utf8(raw)
@@ -239,21 +323,21 @@ def _parse_jsonl_lines(chunk: Chunk) -> tuple[list[str], int]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UserError(f"{chunk.path}:{chunk.first_line + i}: not valid JSON ({exc.msg}, column {exc.colno})") \
+            raise UserError(f"{chunk.path}:{chunk.line(i)}: not valid JSON ({exc.msg}, column {exc.colno})") \
                 from None
         if not isinstance(record, dict):
-            raise UserError(f"{chunk.path}:{chunk.first_line + i}: expected a JSON object per line, "
+            raise UserError(f"{chunk.path}:{chunk.line(i)}: expected a JSON object per line, "
                             f"found {type(record).__name__}")
         try:
             text = record[field]
         except KeyError:
             fields = ", ".join(map(str, list(record)[:20])) or "none"
-            raise UserError(f"{chunk.path}:{chunk.first_line + i}: no field {field!r} (fields: {fields}); "
+            raise UserError(f"{chunk.path}:{chunk.line(i)}: no field {field!r} (fields: {fields}); "
                             "choose the text field with --text-field") from None
         if not isinstance(text, str):
-            raise UserError(f"{chunk.path}:{chunk.first_line + i}: field {field!r} is "
+            raise UserError(f"{chunk.path}:{chunk.line(i)}: field {field!r} is "
                             f"{'null' if text is None else type(text).__name__}, not a string")
-        if b"\\ud" in raw or b"\\uD" in raw:
+        if _may_hold_lone_surrogates(raw):
             text, bad = _replace_lone_surrogates(text)
             replaced += bad
         texts.append(text)
@@ -261,7 +345,7 @@ def _parse_jsonl_lines(chunk: Chunk) -> tuple[list[str], int]:
 
 
 def _parse_text(chunk: Chunk) -> tuple[list[str], int]:
-    text, replaced = decode_utf8(chunk.payload)  # type: ignore[arg-type]
+    text, replaced = decode_utf8(chunk.data())
     texts = [d.strip("\r\n") for d in _BLANK_LINES.split(text)]
     return [d for d in texts if d.strip()], replaced
 
@@ -272,7 +356,7 @@ def _parse_parquet(chunk: Chunk) -> tuple[list[str], int]:
     array = chunk.payload
     if array.null_count:  # type: ignore[union-attr]
         row = array.is_null().to_pylist().index(True)  # type: ignore[union-attr]
-        raise UserError(f"{chunk.path}: row {chunk.first_line + row}: column {chunk.text_field!r} is null; "
+        raise UserError(f"{chunk.path}: row {chunk.line(row)}: column {chunk.text_field!r} is null; "
                         "drop or fill such rows first")
     if pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type):  # type: ignore[union-attr]
         texts, replaced = [], 0
