@@ -501,8 +501,11 @@ if triton is not None:
             if ALIGNED:
                 f_ptr = tl.multiple_of(f_ptr, 16)
                 a_ptr = tl.multiple_of(a_ptr, 16)
-            f = tl.load(f_ptr + offs, mask=mask).to(tl.float32)
-            a = tl.load(a_ptr + offs, mask=mask).to(tl.float32)
+            # bfloat16 loads limited to 4 elements per thread, as the float32 stores are (128 bits): left at 8, the
+            # compiler lays the whole block out 8 per thread and converts m, v, p through shared memory before
+            # each store (3 conversions and 6 more barriers per block; test_triton_step_keeps_one_layout...).
+            f = tl.load(f_ptr + (tl.max_contiguous(offs, 4) if F_BF16 else offs), mask=mask).to(tl.float32)
+            a = tl.load(a_ptr + (tl.max_contiguous(offs, 4) if A_BF16 else offs), mask=mask).to(tl.float32)
             d = p - a
             fd = f * d
             e = ewc_lambda * fd
