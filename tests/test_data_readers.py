@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
+import threading
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -124,6 +126,23 @@ def test_plain_files_are_cut_into_byte_ranges_the_worker_reads(tmp_path, seed):
     assert [c.offset for c in chunks] == [0] + [c.offset + c.length for c in chunks[:-1]]
     assert sum(c.length for c in chunks) == path.stat().st_size
     assert all(c.data().endswith(b"\n") for c in chunks)
+    assert [d for c in chunks for d in parse_chunk(c)[0]] == docs
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
+def test_named_pipe_is_streamed(tmp_path, seed):
+    docs = _random_docs(seed, n=80)
+    source = tmp_path / "source.jsonl"
+    _write_jsonl(source, docs)
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(source.read_bytes()))
+    writer.start()
+    try:
+        chunks = list(iter_chunks(fifo, chunk_bytes=300))
+    finally:
+        writer.join(timeout=10)
+    assert len(chunks) > 3 and all(c.payload is not None for c in chunks)
     assert [d for c in chunks for d in parse_chunk(c)[0]] == docs
 
 

@@ -24,6 +24,7 @@ import io
 import json
 import os
 import re
+import stat
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -173,11 +174,15 @@ def _complete_chunk(fh: io.BufferedIOBase, kind: str, block: bytes) -> list[byte
 
 def _line_chunks(path: Path, kind: str, text_field: str, chunk_bytes: int) -> Iterator[Chunk]:
     if path.name.lower().endswith(".gz"):
-        yield from _gzip_line_chunks(path, kind, text_field, chunk_bytes)
+        yield from _streamed_line_chunks(path, kind, text_field, chunk_bytes, opener=gzip.open)
         return
-    # A plain file is cut into byte ranges: seek ahead, read to the end of that line, and leave the rest to the
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):  # a named pipe or a device: no seeking, so the chunks carry their bytes
+        yield from _streamed_line_chunks(path, kind, text_field, chunk_bytes, opener=open)
+        return
+    # A regular file is cut into byte ranges: seek ahead, read to the end of that line, and leave the rest to the
     # worker. The reading process touches one line per chunk, so on few cores it takes no time from the workers.
-    size = path.stat().st_size
+    size = info.st_size
     with open(path, "rb") as fh:
         _check_not_json_array(path, kind, fh.read(64))
         start = 0
@@ -191,8 +196,9 @@ def _line_chunks(path: Path, kind: str, text_field: str, chunk_bytes: int) -> It
             start = end
 
 
-def _gzip_line_chunks(path: Path, kind: str, text_field: str, chunk_bytes: int) -> Iterator[Chunk]:
-    with gzip.open(path, "rb") as fh:
+def _streamed_line_chunks(path: Path, kind: str, text_field: str, chunk_bytes: int, *,
+                          opener) -> Iterator[Chunk]:
+    with opener(path, "rb") as fh:
         line_no = 1
         first = True
         while True:
