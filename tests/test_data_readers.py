@@ -175,6 +175,7 @@ def test_missing_text_field_names_field_file_and_line(tmp_path):
     ('{"text": "a"}\n{"text": "b"\n', r":2: not valid JSON"),
     ('{"text": "a"}\n["text"]\n', r":2: expected a JSON object"),
     ('[{"text": "a"}]\n', r"JSON array, not JSON Lines"),
+    (" \n" * 200 + '[{"text": "a"}]\n', r"JSON array, not JSON Lines"),
 ])
 def test_malformed_jsonl_is_a_clear_error(tmp_path, content, message):
     path = tmp_path / "c.jsonl"

@@ -184,7 +184,7 @@ def _line_chunks(path: Path, kind: str, text_field: str, chunk_bytes: int) -> It
     # worker. The reading process touches one line per chunk, so on few cores it takes no time from the workers.
     size = info.st_size
     with open(path, "rb") as fh:
-        _check_not_json_array(path, kind, fh.read(64))
+        _check_not_json_array(path, kind, fh.read(min(max(chunk_bytes, 1 << 16), size)))
         start = 0
         while start < size:
             fh.seek(min(start + max(chunk_bytes, 1), size) - 1)
