@@ -1,4 +1,5 @@
-"""`gemma-ewc profile CONFIG.toml`: a torch.profiler trace of a few training steps and the top-kernel table.
+"""A torch.profiler trace of a few training steps and the top-kernel table (`gemma-ewc profile CONFIG.toml`,
+trainer/commands/profile.py).
 
     gemma-ewc profile configs/tiny.toml --steps 3 --out runs/profile
     -> runs/profile/trace.json (open in https://ui.perfetto.dev or chrome://tracing), kernels.md, kernels.json
@@ -11,29 +12,22 @@ Fisher and anchor bytes with EWC; kernels/ewc_adamw.py) over its measured time.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile, schedule
 
 from bench.common import format_table, machine_info
+from trainer.config import load_config
 from trainer.distributed import local_tensor, process_group_scope
+from trainer.train import train
 
 EWC_STEP_MARK = "ewc_adamw_step"
 CPU_SIDE_PREFIXES = ("aten::", "ProfilerStep", "FSDP::", "Optimizer.", "cuda", "autograd::", "c10d::",
                      EWC_STEP_MARK)
-
-
-def configure_profile(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="run configuration (TOML)")
-    p.add_argument("--steps", type=int, default=3, help="profiled steps")
-    p.add_argument("--warmup", type=int, default=2, help="steps before profiling (compilation, caches)")
-    p.add_argument("--out", default="runs/profile", help="directory for trace.json, kernels.md, kernels.json")
-    p.add_argument("--top", type=int, default=20, help="rows of the kernel table")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
 
 def optimizer_bytes_per_step(optimizer) -> int:
@@ -50,15 +44,13 @@ def optimizer_bytes_per_step(optimizer) -> int:
     return total
 
 
-def run_profile(args: argparse.Namespace) -> int:
-    from torch.profiler import ProfilerActivity, profile, schedule
-
-    from trainer.config import load_config
-    from trainer.train import train
-
-    overrides = list(args.overrides) + ["checkpoint.every=0", "checkpoint.resume=false", "logging.progress=false"]
-    config = load_config(args.config, overrides)
-    out = Path(args.out)
+def profile_training(config_path: str | Path, *, overrides: list[str], out: str | Path, steps: int, warmup: int,
+                     top: int) -> str:
+    """Profile `steps` training steps of the run `config_path` (after `warmup` unprofiled ones) in a scratch run
+    directory; writes trace.json, kernels.md and kernels.json into `out` and returns the table (kernels.md)."""
+    overrides = list(overrides) + ["checkpoint.every=0", "checkpoint.resume=false", "logging.progress=false"]
+    config = load_config(config_path, overrides)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cuda = config.parallel.device == "cuda" or (config.parallel.device == "auto" and torch.cuda.is_available())
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -73,9 +65,9 @@ def run_profile(args: argparse.Namespace) -> int:
         trace = out / "trace.json"
         with process_group_scope(), profile(
                 activities=activities, record_shapes=False, acc_events=True,
-                schedule=schedule(wait=0, warmup=args.warmup, active=args.steps, repeat=1),
+                schedule=schedule(wait=0, warmup=warmup, active=steps, repeat=1),
                 on_trace_ready=lambda p: p.export_chrome_trace(str(trace))) as prof:
-            train(config, scratch, stop_after=args.warmup + args.steps, save_final=False, step_hook=on_step)
+            train(config, scratch, stop_after=warmup + steps, save_final=False, step_hook=on_step)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     bytes_per_step = seen.get("bytes", 0)
@@ -98,25 +90,23 @@ def run_profile(args: argparse.Namespace) -> int:
         rows.append({"name": event.key[:80], "calls": event.count, "self_ms": self_us / 1e3,
                      "ms_per_call": self_us / 1e3 / max(event.count, 1)})
     if step_us and bytes_per_step:
-        rows.append({"name": "= fused EWC-AdamW step (all its launches)", "calls": args.steps,
-                     "self_ms": step_us / 1e3, "ms_per_call": step_us / 1e3 / args.steps,
-                     "GB_per_s": bytes_per_step * args.steps / (step_us / 1e6) / 1e9})
+        rows.append({"name": "= fused EWC-AdamW step (all its launches)", "calls": steps,
+                     "self_ms": step_us / 1e3, "ms_per_call": step_us / 1e3 / steps,
+                     "GB_per_s": bytes_per_step * steps / (step_us / 1e6) / 1e9})
     rows.sort(key=lambda r: -r["self_ms"])
     total = sum(r["self_ms"] for r in rows)
     for r in rows:
         r["share"] = r["self_ms"] / total if total else 0.0
-    top = rows[:args.top]
+    shown = rows[:top]
     # The optimizer step is always shown, even when it is not among the top rows.
-    top += [r for r in rows[args.top:] if "GB_per_s" in r]
-    table = format_table(top, ["name", "calls", "self_ms", "ms_per_call", "share", "GB_per_s"])
-    header = (f"# Profile of {args.steps} step(s) of {args.config} ({'CUDA' if cuda else 'CPU'} "
+    shown += [r for r in rows[top:] if "GB_per_s" in r]
+    table = format_table(shown, ["name", "calls", "self_ms", "ms_per_call", "share", "GB_per_s"])
+    header = (f"# Profile of {steps} step(s) of {config_path} ({'CUDA' if cuda else 'CPU'} "
               f"{'device' if cuda else 'CPU'} self time)\n\nfused optimizer step moves "
               f"{bytes_per_step / 1e6:.1f} MB per step\n\n")
     (out / "kernels.md").write_text(header + table + "\n")
     (out / "kernels.json").write_text(json.dumps({"rows": rows, "bytes_per_optimizer_step": bytes_per_step,
-                                                  "steps": args.steps, "machine": machine_info("cuda" if cuda
+                                                  "steps": steps, "machine": machine_info("cuda" if cuda
                                                                                               else "cpu")},
                                                  indent=2, default=str) + "\n")
-    print(header + table)
-    print(f"\ntrace: {out / 'trace.json'}  table: {out / 'kernels.md'}")
-    return 0
+    return header + table

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import random_model, rel_err, small_config, train_tiny_tokenizer
-from trainer.benchmarks import MCItem
 from trainer.errors import UserError
 from trainer.ewc import estimate_fisher, estimate_fisher_with_stats
 from trainer.ewc.batches import EncodedPrompt, encode_mmlu, pack_prompts, prompt_batches
 from trainer.hf import to_hf_name
 from trainer.prompts import answer_letter_tokens, format_mmlu_prompt
+from trainer.task_files import MCItem
 
 IGNORE = -100
 nan = float("nan")
@@ -253,7 +253,7 @@ def test_read_mmlu_layouts(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from trainer.benchmarks import read_mmlu
+    from trainer.task_files import read_mmlu
     from trainer.prompts import DEFAULT_MMLU_TEMPLATE, check_template
 
     check_template(DEFAULT_MMLU_TEMPLATE)
@@ -272,7 +272,7 @@ def test_read_mmlu_layouts(tmp_path):
 
 
 def test_read_shared_mmlu_sample(shared_data):
-    from trainer.benchmarks import read_mmlu
+    from trainer.task_files import read_mmlu
 
     items = read_mmlu(shared_data / "benchmarks" / "mmlu" / "dev")
     assert len(items) == 285 and len({i.subject for i in items}) == 57

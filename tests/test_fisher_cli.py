@@ -12,11 +12,11 @@ import torch
 from tests.distributed import run_distributed
 from tests.helpers import random_model_dir, rel_err
 from tests.test_fisher import train_prompt_tokenizer
-from trainer.benchmarks import read_mmlu
 from trainer.cli import main
 from trainer.ewc import estimate_fisher, load_ewc, read_header
 from trainer.ewc.batches import encode_mmlu, prompt_batches
 from trainer.hf import load_pretrained
+from trainer.task_files import read_mmlu
 
 QUESTIONS = [
     ("Which of these is water?", ["H2O", "CO2", "NaCl", "O2"], 0),

@@ -156,7 +156,7 @@ def test_lambda_zero_equals_no_ewc(tmp_path, store):
 def test_export_round_trip_through_transformers(tmp_path, store):
     transformers = pytest.importorskip("transformers")
     from trainer.model import Gemma2
-    from trainer.train import export_checkpoint
+    from trainer.export import export_checkpoint
 
     run(_overrides(store, **{"optim.max_steps": 3}), tmp_path / "run")
     out = export_checkpoint(tmp_path / "run", tmp_path / "hf", dtype=torch.float32)

@@ -1,8 +1,9 @@
 """The `gemma-ewc` command.
 
-Each subcommand lives in the module that owns its feature; this file only routes. A command module provides
-`configure_<name>(parser)` (adds its arguments) and `run_<name>(args) -> int`, and is imported only when its
-command is chosen, so `gemma-ewc --help` and light commands start without importing torch's heavy parts.
+Every command is one module, trainer/commands/<name>.py, with `configure(parser)` (adds its arguments) and
+`run(args) -> int` (calls the feature functions and prints what they did); its one-line help is its entry in
+COMMANDS below. This file only routes: it imports the chosen command's module and no other, so `gemma-ewc --help`
+and light commands start without importing torch. To add a command, write its module and add one line to COMMANDS.
 
 User mistakes (`UserError`, a missing file, a wrong argument) print one line on stderr and exit with code 2.
 """
@@ -13,20 +14,23 @@ import argparse
 import importlib
 import sys
 
+from trainer import __version__
 from trainer.errors import UserError
 
-# name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("trainer.demo", "the whole pipeline on an embedded default, on CPU in minutes"),
-    "tokenize": ("trainer.data.tokenize", "tokenize corpora into a token store"),
-    "fisher": ("trainer.ewc", "estimate the diagonal Fisher of a model and write an EWC file"),
-    "ewc": ("trainer.ewc", "EWC file tools: merge (online EWC), import-legacy"),
-    "train": ("trainer.train", "train (one process, or under torchrun for many)"),
-    "eval": ("trainer.evaluate", "perplexity, bits per byte and benchmark accuracy of a model"),
-    "report": ("trainer.evaluate", "compare eval results of several runs: table and plots"),
-    "export": ("trainer.train", "export a training checkpoint as a Hugging Face Gemma2 directory"),
-    "bench": ("bench.cli", "side-by-side benchmarks: optimizer, train, data"),
-    "profile": ("bench.profile", "torch.profiler trace and top-kernel table of a few training steps"),
+COMMAND_PACKAGE = "trainer.commands"
+
+# name (also the module trainer/commands/<name>.py) -> one-line help
+COMMANDS: dict[str, str] = {
+    "demo": "the whole pipeline on an embedded default, on CPU in minutes",
+    "tokenize": "tokenize corpora into a token store",
+    "fisher": "estimate the diagonal Fisher of a model and write an EWC file",
+    "ewc": "EWC file tools: merge (online EWC), import-legacy",
+    "train": "train (one process, or under torchrun for many)",
+    "eval": "perplexity, bits per byte and benchmark accuracy of a model",
+    "report": "compare eval results of several runs: table and plots",
+    "export": "export a training checkpoint as a Hugging Face Gemma2 directory",
+    "bench": "side-by-side benchmarks: optimizer, train, data",
+    "profile": "torch.profiler trace and top-kernel table of a few training steps",
 }
 
 
@@ -38,32 +42,18 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _not_built(name: str):
-    def run(args: argparse.Namespace) -> int:
-        raise UserError(f"'{name}' is not built yet in this version (see the status table in README.md)")
-
-    return run
-
-
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = _Parser(prog="gemma-ewc", description=__doc__.split("\n\n")[0])
-    from trainer import __version__
-
     parser.add_argument("--version", action="version", version=f"gemma-ewc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
-            try:
-                module = importlib.import_module(module_name)
-            except ModuleNotFoundError as exc:
-                if exc.name != module_name:
-                    raise
-                p.set_defaults(_run=_not_built(name))
-                continue
-            getattr(module, f"configure_{name}")(p)
-            p.set_defaults(_run=getattr(module, f"run_{name}"), _parser=p)
+            command = importlib.import_module(f"{COMMAND_PACKAGE}.{name}")
+            command.configure(p)
+            # _parser: a command that parses further arguments itself (bench) reuses this parser's class.
+            p.set_defaults(_run=command.run, _parser=p)
     return parser
 
 

@@ -1,6 +1,7 @@
-"""`gemma-ewc demo`: the whole pipeline on CPU in minutes, on the project's own synthetic texts.
+"""The demo: the whole pipeline on CPU in minutes, on the project's own synthetic texts (`gemma-ewc demo`,
+trainer/commands/demo.py).
 
-    gemma-ewc demo [--out runs/demo] [--text-a FILE --text-b FILE]
+    rows = demo(Path("runs/demo"), DemoSettings(), lam=100.0)   # [{model, lambda, ppl_a, ppl_b}] per model
 
 1. Texts A and B (default: two synthetic languages, trainer/synthetic.py), each split into train and held-out.
 2. A SentencePiece tokenizer trained on both; `gemma-ewc tokenize` turns each training text into a token store.
@@ -17,15 +18,20 @@ less of A while still learning B.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import sentencepiece as spm
+
+from trainer import cli
+from trainer.config import load_config
+from trainer.data.readers import read_documents
+from trainer.distributed import process_group_scope
 from trainer.errors import UserError
+from trainer.synthetic import generate
+from trainer.train import train
 
 
 @dataclass(frozen=True)
@@ -46,14 +52,6 @@ class DemoSettings:
 QUICK = DemoSettings(documents=800, pretrain_steps=150, continue_steps=80, fisher_samples=64)
 
 
-def configure_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--text-a", default=None, help="text A (what the model knows first; default: synthetic language)")
-    p.add_argument("--text-b", default=None, help="text B (what it learns next; default: another synthetic language)")
-    p.add_argument("--lambda", dest="lam", type=float, default=None, help="EWC strength of the λ > 0 run")
-    p.add_argument("--quick", action="store_true", help="a shorter run (about a third of the time)")
-
-
 def _split(documents: list[str], fraction: float) -> tuple[list[str], list[str]]:
     cut = max(1, int(len(documents) * (1 - fraction)))
     if cut >= len(documents):
@@ -68,9 +66,6 @@ def _write_documents(path: Path, documents: list[str]) -> Path:
 
 
 def _texts(text_a: str | None, text_b: str | None, settings: DemoSettings, out: Path) -> dict[str, dict[str, Path]]:
-    from trainer.data.readers import read_documents
-    from trainer.synthetic import generate
-
     texts = {}
     for key, given in (("a", text_a), ("b", text_b)):
         if given:
@@ -86,8 +81,6 @@ def _texts(text_a: str | None, text_b: str | None, settings: DemoSettings, out: 
 
 
 def _train_tokenizer(texts, settings: DemoSettings, out: Path) -> Path:
-    import sentencepiece as spm
-
     prefix = out / "tokenizer"
     spm.SentencePieceTrainer.train(
         input=[str(texts[k]["train"]) for k in ("a", "b")], model_prefix=str(prefix),
@@ -98,37 +91,18 @@ def _train_tokenizer(texts, settings: DemoSettings, out: Path) -> Path:
 
 
 def _cli(*argv: str) -> None:
-    from trainer.cli import main
-
     print(f"\n$ gemma-ewc {shlex.join(argv)}", flush=True)
-    code = main(list(argv))
+    code = cli.main(list(argv))
     if code:
         raise UserError(f"the demo stage `gemma-ewc {argv[0]}` failed (exit {code})")
 
 
 def _train(out: Path, name: str, overrides: list[str]) -> None:
-    from trainer.config import load_config
-    from trainer.distributed import process_group_scope
-    from trainer.train import train
-
     print(f"\n$ gemma-ewc train --out {out / 'runs' / name} " + " ".join(f"--set {o}" for o in overrides),
           flush=True)
     config = load_config(None, overrides)
     with process_group_scope():
         train(config, out / "runs" / name)
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    settings = QUICK if args.quick else DemoSettings()
-    lam = settings.ewc_lambda if args.lam is None else args.lam
-    if lam <= 0:
-        raise UserError(f"--lambda must be > 0 (the λ = 0 run is always made), got {lam}")
-    start = time.perf_counter()
-    rows = demo(Path(args.out), settings, lam=lam, text_a=args.text_a, text_b=args.text_b)
-    print("\n" + format_summary(rows))
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; outputs in {args.out} (report.md, "
-          f"perplexity_vs_lambda.png, summary.json, runs/*/metrics.jsonl)", file=sys.stderr)
-    return 0
 
 
 def demo(out: Path, settings: DemoSettings, *, lam: float, text_a: str | None = None,

@@ -1,7 +1,7 @@
 """Multiple-choice prompts (MMLU) for the Fisher: formatting the prompt, tokenizing it so that exactly the
-answer letter is scored. The items come from trainer.benchmarks (one reader for eval and the Fisher).
+answer letter is scored. The items come from trainer.task_files (one reader for eval and the Fisher).
 
-    items = read_mmlu("mmlu/test")                       # trainer.benchmarks: CSV dir/file, or HF Parquet / JSON(L)
+    items = read_mmlu("mmlu/test")                       # trainer.task_files: CSV dir/file, or HF Parquet / JSON(L)
     p = format_mmlu_prompt(item.question, item.choices, item.subject)          # -> MMLUPrompt
     ids, target = answer_letter_tokens(sp, p.prompt, p.answer(item.answer))   # score only `target`
 
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from trainer.benchmarks import LETTERS, MCItem
 from trainer.errors import UserError
+from trainer.task_files import LETTERS, MCItem
 
 DEFAULT_MMLU_TEMPLATE = (
     "The following is a multiple choice question (with answers) about {subject}. "

@@ -1,4 +1,6 @@
-"""`gemma-ewc train` and `gemma-ewc export`: the FSDP2 training loop with EWC fused into the optimizer step.
+"""The FSDP2 training loop with EWC fused into the optimizer step (`gemma-ewc train`, trainer/commands/train.py).
+
+    summary = train(load_config("configs/tiny.toml", ["optim.lr=1e-4"]), "runs/tiny")   # inside a process group
 
 One code path for one CPU process and for torchrun on many GPUs and nodes: a single process also runs in a
 (world size 1) process group, so sharding, checkpoints and reductions are the same everywhere.
@@ -12,7 +14,7 @@ that FSDP's averaging reduce-scatter yields the gradient of the global mean toke
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import resource
@@ -25,11 +27,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer.config import TrainConfig, load_config, to_toml
-from trainer.distributed import process_group_scope
+from trainer.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from trainer.config import TrainConfig, to_toml
+from trainer.data.loader import PackedLoader
+from trainer.distributed import init_distributed
 from trainer.dtypes import DTYPES
 from trainer.errors import UserError
 from trainer.fileio import atomic_path, sha256_file
+from trainer.flops import device_peak_flops
+from trainer.hf import HFCheckpoint, config_to_hf
+from trainer.model import Gemma2Config
+from trainer.optim import EWCAdamW, lr_at, set_lr
+from trainer.parallelize import build_mesh
 
 
 class TrainingError(RuntimeError):
@@ -50,9 +59,6 @@ class TrainSummary:
 
 
 def model_config_of(config: TrainConfig):
-    from trainer.hf import HFCheckpoint
-    from trainer.model import Gemma2Config
-
     m = config.model
     if m.pretrained:
         return HFCheckpoint(m.pretrained).config
@@ -61,8 +67,6 @@ def model_config_of(config: TrainConfig):
     except ValueError as exc:
         raise UserError(f"model.preset: {exc}") from None
     if m.vocab_size:
-        import dataclasses
-
         base = dataclasses.replace(base, vocab_size=m.vocab_size)
     return base
 
@@ -97,8 +101,6 @@ def param_groups(model, weight_decay: float) -> tuple[list[dict], list[str]]:
 
 
 def build_loader(config: TrainConfig, *, rank: int, world_size: int, vocab_size: int):
-    from trainer.data.loader import PackedLoader
-
     d = config.data
     if not d.stores:
         raise UserError("data.stores is empty: give the token store(s) to train on (made by `gemma-ewc tokenize`)")
@@ -260,13 +262,6 @@ def train(config: TrainConfig, run_dir: str | Path, *, stop_after: int | None = 
     """Train (or resume) the run in `run_dir`. `stop_after`: at most this many steps in this invocation, then
     checkpoint and return (for job time limits; the schedule still spans optim.max_steps). `step_hook(step, model=,
     optimizer=)` is called after every step (the profiler advances its schedule there)."""
-    from trainer.checkpoint import find_latest, load_checkpoint, save_checkpoint
-    from trainer.distributed import init_distributed
-    from trainer.flops import device_peak_flops
-    from trainer.hf import config_to_hf
-    from trainer.optim import EWCAdamW, lr_at, set_lr
-    from trainer.parallelize import build_mesh
-
     env = init_distributed(config.parallel.device)
     device = env.device
     run_dir = Path(run_dir)
@@ -371,88 +366,3 @@ def train(config: TrainConfig, run_dir: str | Path, *, stop_after: int | None = 
         summary.checkpoint = save(summary.last_step)
     log.close()
     return summary
-
-
-# --------------------------------------------------------------------------------------------------------- CLI
-
-
-def configure_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="run configuration (TOML); see configs/")
-    p.add_argument("--out", default=None, help="run directory: metrics.jsonl and checkpoints (default runs/<name>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a configuration value, e.g. --set optim.lr=1e-4 (repeatable)")
-    p.add_argument("--stop-after", type=int, default=None, metavar="N",
-                   help="train at most N steps in this invocation, then checkpoint and exit (job time limits)")
-
-
-def run_train(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides)
-    run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    with process_group_scope():
-        summary = train(config, run_dir, stop_after=args.stop_after)
-    if summary.losses:
-        print(f"trained steps {summary.first_step + 1}..{summary.last_step}, final loss {summary.losses[-1]:.4f}, "
-              f"checkpoint {summary.checkpoint}")
-    return 0
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A step directory, a checkpoints directory or a run directory -> the step directory (newest complete)."""
-    from trainer.checkpoint import find_latest, is_complete
-
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"checkpoint {path} not found")
-    if is_complete(path):
-        return path
-    for candidate in (path, path / "checkpoints"):
-        found = find_latest(candidate)
-        if found is not None:
-            return found
-    raise UserError(f"{path} holds no complete training checkpoint")
-
-
-def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = torch.bfloat16,
-                      tokenizer: str | None = None) -> Path:
-    """A training checkpoint -> a Hugging Face Gemma2 directory, reading one tensor at a time (no process group)."""
-    from trainer.checkpoint import read_model_tensor
-    from trainer.config import tomllib
-    from trainer.hf import config_from_hf, expected_shapes, from_hf_name, write_hf_checkpoint
-
-    step_dir = resolve_checkpoint(checkpoint)
-    model_config = config_from_hf(json.loads((step_dir / "config.json").read_text()),
-                                  source=str(step_dir / "config.json"))
-    if tokenizer is None:
-        tokenizer = tomllib.loads((step_dir / "config.toml").read_text()).get("data", {}).get("tokenizer")
-        if tokenizer and not Path(tokenizer).is_file():
-            warnings.warn(f"the run's tokenizer {tokenizer} is gone; exporting without tokenizer.model")
-            tokenizer = None
-    shapes = expected_shapes(model_config)
-    run_config = tomllib.loads((step_dir / "config.toml").read_text())
-    # Read by `gemma-ewc eval` (label, λ) so results and reports name the run without extra flags. λ is only
-    # meaningful for a continued model (model.pretrained set), not for a from-scratch run.
-    continued = bool(run_config.get("model", {}).get("pretrained"))
-    lam = run_config.get("ewc", {}).get("lambda", 0.0) if run_config.get("ewc", {}).get("file") else 0.0
-    metadata = {"label": step_dir.parent.parent.name, "ewc_lambda": lam if continued else None,
-                "checkpoint": str(step_dir.resolve())}
-
-    def fetch(hf_name: str) -> torch.Tensor:
-        return read_model_tensor(step_dir, from_hf_name(hf_name), torch.empty(shapes[hf_name]))
-
-    path = write_hf_checkpoint(out, model_config, shapes=shapes, fetch=fetch, dtype=dtype, tokenizer=tokenizer,
-                               extra_files={"gemma-ewc.json": json.dumps(metadata, indent=2) + "\n"})
-    return path
-
-
-def configure_export(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a step directory, or a run directory (its newest complete checkpoint)")
-    p.add_argument("--out", required=True, help="the Hugging Face Gemma2 directory to write")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
-                   help="weight dtype (default bfloat16)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.model to include (default: the run's data.tokenizer)")
-
-
-def run_export(args: argparse.Namespace) -> int:
-    out = export_checkpoint(args.checkpoint, args.out, dtype=DTYPES[args.dtype], tokenizer=args.tokenizer)
-    print(f"exported {resolve_checkpoint(args.checkpoint)} -> {out}")
-    return 0

@@ -19,7 +19,7 @@ An item that cannot be scored (a missing field, an answer index out of range, a 
 context) is skipped and reported with its reason, never scored as wrong or right.
 
 Files: .jsonl, .json (a list of objects), .csv, .parquet; or a directory of them (MMLU's one file per subject,
-e.g. mmlu/test/, each file a subtask), read by trainer.benchmarks (the reader the Fisher's MMLU uses too).
+e.g. mmlu/test/, each file a subtask), read by trainer.task_files (the reader the Fisher's MMLU uses too).
 Few-shot examples (`num_fewshot`) come from a given file or from the matching dev/train file next to the test file
 (mmlu/test/x_test.csv -> mmlu/dev/x_dev.csv), first n in file order (lm-eval's first_n sampler), and for MMLU from
 the same subject.
@@ -37,11 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from trainer.benchmarks import (LETTERS, MMLU_FIELDS, ItemError, answer_index, benchmark_files, is_mmlu_record,
-                                mmlu_item, read_records, require, require_text, subject_from_filename,
-                                text_choices)
 from trainer.errors import UserError
 from trainer.prompts import format_options, format_subject
+from trainer.task_files import (LETTERS, MMLU_FIELDS, ItemError, answer_index, benchmark_files, is_mmlu_record,
+                                mmlu_item, read_records, require, require_text, subject_from_filename,
+                                text_choices)
 
 
 # ------------------------------------------------------------------------------------------------------ task types

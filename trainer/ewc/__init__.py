@@ -9,15 +9,13 @@ Modules: fisher (the estimator), file (format, load/validate, normalisation, mer
 pickle), batches (MMLU prompts and text rows as mini-batches), cli (the `fisher` and `ewc` commands).
 """
 
-from trainer.ewc.cli import configure_ewc, configure_fisher, run_ewc, run_fisher
 from trainer.ewc.file import (FORMAT, EWCHeader, EWCState, anchor_sha256, fisher_divisor, load_ewc, merge_ewc,
                               normalize_fisher_, read_header, write_ewc)
 from trainer.ewc.fisher import FisherStats, estimate_fisher, estimate_fisher_with_stats, hf_param_name
 from trainer.ewc.legacy import import_legacy, load_legacy_pickle
 
 __all__ = [
-    "FORMAT", "EWCHeader", "EWCState", "FisherStats", "anchor_sha256", "configure_ewc", "configure_fisher",
-    "estimate_fisher", "estimate_fisher_with_stats", "fisher_divisor", "hf_param_name", "import_legacy",
-    "load_ewc", "load_legacy_pickle", "merge_ewc", "normalize_fisher_", "read_header", "run_ewc",
-    "run_fisher", "write_ewc",
+    "FORMAT", "EWCHeader", "EWCState", "FisherStats", "anchor_sha256", "estimate_fisher",
+    "estimate_fisher_with_stats", "fisher_divisor", "hf_param_name", "import_legacy", "load_ewc",
+    "load_legacy_pickle", "merge_ewc", "normalize_fisher_", "read_header", "write_ewc",
 ]

@@ -19,9 +19,9 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from trainer.benchmarks import MCItem
 from trainer.errors import UserError
 from trainer.prompts import DEFAULT_MMLU_TEMPLATE, answer_letter_tokens, format_mmlu_prompt
+from trainer.task_files import MCItem
 
 IGNORE_INDEX = -100
 

@@ -1,6 +1,7 @@
-"""`gemma-ewc fisher` and `gemma-ewc ewc {merge,import-legacy}`.
+"""`gemma-ewc fisher --model DIR --data PATH --format {mmlu,text} --out EWC.safetensors`: estimate the diagonal
+Fisher of a model and write an EWC file (Fisher and anchor, trainer.ewc).
 
-`fisher` runs in one process or many under torchrun, on one code path as training does: a process group always
+One code path for one process and for many under torchrun, as training: a process group always
 (trainer.distributed), the model sharded with FSDP2 over every rank (trainer.parallelize; float32 master weights,
 bfloat16 or float32 compute, float32 gradient reduction), each rank reading only its rows of the checkpoint,
 computing on its part of every global mini-batch and accumulating only its own Fisher shard; rank 0 writes the
@@ -10,25 +11,29 @@ file, gathering one tensor at a time.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from trainer.distributed import process_group_scope
+from trainer.commands.options import ATTENTION_CHOICES, STATE_DTYPES, default_first
+from trainer.config import ParallelConfig
+from trainer.data.tokenize import read_sentencepiece
+from trainer.distributed import init_distributed, process_group_scope
 from trainer.dtypes import DTYPES, compute_dtype, dtype_name
 from trainer.errors import UserError
 from trainer.ewc.batches import encode_mmlu, prompt_batches, row_batches, text_rows
-from trainer.ewc.file import NORMALIZE_MODES, merge_ewc, normalize_fisher_, write_ewc
+from trainer.ewc.file import NORMALIZE_MODES, normalize_fisher_, write_ewc
 from trainer.ewc.fisher import ESTIMATORS, estimate_fisher_with_stats, named_hf_parameters
 from trainer.fileio import files_sha256, sha256_file
+from trainer.hf import HFCheckpoint
+from trainer.model import Gemma2
+from trainer.parallelize import build_mesh, materialize, parallelize
+from trainer.prompts import DEFAULT_MMLU_TEMPLATE, load_template
+from trainer.task_files import mmlu_files, read_mmlu
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
 
-
-def configure_fisher(p: argparse.ArgumentParser) -> None:
+def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Hugging Face Gemma2 directory (config.json, safetensors)")
     p.add_argument("--data", required=True,
                    help="MMLU file or directory (CSV / Parquet / JSON); text: corpus file or directory (JSON Lines, "
@@ -43,17 +48,18 @@ def configure_fisher(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-samples", type=int, default=None, help="use only the first N samples (quick estimate)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="text: row length (default 2048); mmlu: skip prompts longer than this (default: none)")
-    p.add_argument("--fisher-dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--anchor-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+    p.add_argument("--fisher-dtype", choices=STATE_DTYPES, default="float32")
+    p.add_argument("--anchor-dtype", choices=default_first(STATE_DTYPES, "bfloat16"), default="bfloat16",
                    help="anchor precision (bfloat16 is lossless for a bfloat16 checkpoint)")
     p.add_argument("--normalize", choices=NORMALIZE_MODES, default="none",
                    help="divide the Fisher by its global mean or max (the divisor is recorded)")
     p.add_argument("--seed", type=int, default=0, help="order of MMLU items and the sampled labels")
-    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default=None,
+    p.add_argument("--dtype", choices=STATE_DTYPES, default=None,
                    help="compute dtype (gradients and sums stay float32); default bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: cuda when available (under torchrun: this rank's GPU)")
-    p.add_argument("--attention", default="auto", help="attention backend: auto, eager, flex, flash")
+    p.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto",
+                   help=f"attention backend: {', '.join(ATTENTION_CHOICES)}")
     p.add_argument("--prompt-template", default=None,
                    help="MMLU prompt template file with {subject} {examples} {question} {options} {answer}")
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: MODEL/tokenizer.model)")
@@ -64,11 +70,6 @@ def configure_fisher(p: argparse.ArgumentParser) -> None:
 def load_sharded(path, *, device: torch.device, compute_dtype: str, attention_backend: str):
     """A Hugging Face Gemma2 directory into an FSDP2 model over every rank (trainer.parallelize), each rank
     reading only its rows; float32 master weights, `compute_dtype` matmuls, float32 gradient reduction."""
-    from trainer.config import ParallelConfig
-    from trainer.hf import HFCheckpoint
-    from trainer.model import Gemma2
-    from trainer.parallelize import build_mesh, materialize, parallelize
-
     config = ParallelConfig(param_dtype=compute_dtype, reduce_dtype="float32", device=device.type)
     with torch.device("meta"):
         model = Gemma2(HFCheckpoint(path).config, attention_backend=attention_backend)
@@ -76,18 +77,12 @@ def load_sharded(path, *, device: torch.device, compute_dtype: str, attention_ba
     return materialize(model, device=device, pretrained=path)
 
 
-def run_fisher(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     with process_group_scope():
         return _fisher(args)
 
 
 def _fisher(args: argparse.Namespace) -> int:
-    from trainer.data.tokenize import read_sentencepiece
-    from trainer.distributed import init_distributed
-    from trainer.hf import HFCheckpoint
-    from trainer.benchmarks import mmlu_files, read_mmlu
-    from trainer.prompts import DEFAULT_MMLU_TEMPLATE, load_template
-
     if args.max_samples is not None and args.max_samples < 1:
         raise UserError(f"--max-samples must be at least 1, got {args.max_samples}")
     if args.seq_len is not None and args.seq_len < 2:
@@ -158,44 +153,4 @@ def _fisher(args: argparse.Namespace) -> int:
               f"mini-batches of {args.batch_size}, {stats.scored_tokens} scored tokens; {stats.tokens} tokens in "
               f"{stats.seconds:.1f} s ({stats.tokens_per_s:,.0f} tokens/s) on {world} process(es); "
               f"normalize {args.normalize} (divisor {divisor:.4g}); anchor sha256 {written['anchor_sha256'][:16]}")
-    return 0
-
-
-def configure_ewc(p: argparse.ArgumentParser) -> None:
-    # The sub-parsers inherit the router's parser class (one-line errors, exit code 2).
-    sub = p.add_subparsers(dest="ewc_command", metavar="{merge,import-legacy}", required=True)
-    m = sub.add_parser("merge", help="online EWC: F = gamma * F_A + F_B, anchor from B",
-                       description="online EWC: F = gamma * F_A + F_B (raw Fishers), anchor from B")
-    m.add_argument("a", help="EWC file of the earlier task(s)")
-    m.add_argument("b", help="EWC file of the newest task (its anchor is kept)")
-    m.add_argument("--gamma", type=float, required=True, help="decay of the earlier Fisher (0 <= gamma)")
-    m.add_argument("--out", required=True)
-    m.add_argument("--fisher-dtype", choices=("float32", "bfloat16"), default="float32")
-    m.add_argument("--normalize", choices=NORMALIZE_MODES, default="none")
-    i = sub.add_parser("import-legacy", help="convert the reference study's EWC_params.pkl",
-                       description="convert the reference study's pickle (anchors, fisher) to an EWC file; "
-                                   "the pickle is read without running any code it may carry")
-    i.add_argument("pickle", help="EWC_params.pkl")
-    i.add_argument("--out", required=True)
-    i.add_argument("--inf-cap", type=float, default=100.0, help="the value that replaced infinities (default 100)")
-    i.add_argument("--fisher-dtype", choices=("float32", "bfloat16"), default="float32")
-    i.add_argument("--anchor-dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="float32 keeps the pickle's float16 anchor exactly (default)")
-    i.add_argument("--json", action="store_true", help="print the report as JSON")
-
-
-def run_ewc(args: argparse.Namespace) -> int:
-    if args.ewc_command == "merge":
-        t0 = time.perf_counter()
-        meta = merge_ewc(args.a, args.b, args.out, gamma=args.gamma, fisher_dtype=DTYPES[args.fisher_dtype],
-                         normalize=args.normalize)
-        print(f"wrote {args.out}: F = {args.gamma:g} * F({args.a}) + F({args.b}), anchor from {args.b}; "
-              f"{meta['parameters']} parameters, normalize {args.normalize} (divisor {float(meta['fisher_divisor']):.4g})"
-              f" in {time.perf_counter() - t0:.1f} s")
-        return 0
-    from trainer.ewc.legacy import format_report, import_legacy
-
-    report = import_legacy(args.pickle, args.out, inf_cap=args.inf_cap, fisher_dtype=DTYPES[args.fisher_dtype],
-                           anchor_dtype=DTYPES[args.anchor_dtype])
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

@@ -1,6 +1,7 @@
-"""`gemma-ewc bench {optimizer,train,data}`: routes to bench/<name>.py, imported only when chosen.
+"""`gemma-ewc bench {optimizer,train,data,model} [...]`: side-by-side benchmarks, JSON + table.
 
-Each benchmark module provides `configure(parser)` and `run(args) -> int`.
+Each benchmark is a module bench/<name>.py with `configure(parser)` and `run(args) -> int`, imported only when
+chosen; its options are parsed here by a parser of the router's class (one-line errors, exit code 2).
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ BENCHMARKS = {
 }
 
 
-def configure_bench(parser: argparse.ArgumentParser) -> None:
+def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "benchmarks: " + "; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items())
     parser.add_argument("benchmark", choices=sorted(BENCHMARKS), help="which benchmark to run")
     parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="its options (see gemma-ewc bench NAME --help)")
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    module = importlib.import_module(f"bench.{args.benchmark}")
+def run(args: argparse.Namespace) -> int:
+    benchmark = importlib.import_module(f"bench.{args.benchmark}")
     parser_class = type(args._parser) if hasattr(args, "_parser") else argparse.ArgumentParser
     sub = parser_class(prog=f"gemma-ewc bench {args.benchmark}", description=BENCHMARKS[args.benchmark])
-    module.configure(sub)
-    return int(module.run(sub.parse_args(args.bench_args)) or 0)
+    benchmark.configure(sub)
+    return int(benchmark.run(sub.parse_args(args.bench_args)) or 0)

@@ -1,0 +1,23 @@
+"""Argument choices that several commands share, each derived from its one definition.
+
+Dtype names come from trainer.dtypes.DTYPES and attention backends from trainer.attention.BACKENDS, so a new dtype
+or backend reaches every command at once.
+"""
+
+from __future__ import annotations
+
+from trainer.attention import BACKENDS
+from trainer.dtypes import DTYPES
+
+# float64 serves tests and reference computations; it is not offered on the command line.
+MODEL_DTYPES = tuple(name for name in DTYPES if name != "float64")
+# The precisions of EWC files, of the Fisher's computation and of exported weights.
+STATE_DTYPES = tuple(name for name in MODEL_DTYPES if name != "float16")
+# "auto": flash or flex on CUDA, eager on CPU (trainer.attention.resolve_backend).
+ATTENTION_CHOICES = ("auto", *BACKENDS)
+
+
+def default_first(names: tuple[str, ...], default: str) -> tuple[str, ...]:
+    """`names` with `default` moved to the front: --help lists a command's choices default first."""
+    assert default in names, (default, names)
+    return (default, *(name for name in names if name != default))

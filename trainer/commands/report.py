@@ -1,0 +1,28 @@
+"""`gemma-ewc report RESULTS.json... --out report.md [--plots DIR]`: compare the eval results of several runs.
+
+The Markdown tables and, with --plots, the accuracy and perplexity vs λ plots come from trainer.evaluate.report.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from trainer.evaluate.report import write_report
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results", nargs="+", metavar="RESULTS.json", help="eval results of the runs to compare")
+    p.add_argument("--out", required=True, metavar="FILE", help="write the Markdown report here")
+    p.add_argument("--plots", default=None, metavar="DIR",
+                   help="also draw PNG plots (accuracy and perplexity vs lambda) here; needs matplotlib")
+    p.add_argument("--base", default=None, metavar="LABEL|FILE",
+                   help="the base run (default: the one run without a lambda)")
+
+
+def run(args: argparse.Namespace) -> int:
+    written = write_report([Path(p) for p in args.results], out=Path(args.out),
+                           plots=Path(args.plots) if args.plots else None, base=args.base)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
