@@ -20,10 +20,23 @@ def make_store(path, docs, *, tokenizer_hash=HASH):
                                         tokenizer_sha256=tokenizer_hash, shard_tokens=700))
 
 
+def distinct_documents(docs: list[np.ndarray], rng) -> list[np.ndarray]:
+    """`docs` with every non-empty document made unique (a token appended where one repeats an earlier one):
+    _infer_order identifies documents by their content, and short random documents can coincide."""
+    seen, out = set(), []
+    for doc in docs:
+        while len(doc) and doc.tobytes() in seen:
+            doc = np.append(doc, rng.integers(10, 1000)).astype(np.uint32)
+        seen.add(doc.tobytes())
+        out.append(doc)
+    return out
+
+
 @pytest.fixture
 def store(tmp_path, seed):
     rng = np.random.default_rng(seed)
-    return make_store(tmp_path / "store", random_documents(rng, 120, max_len=50, vocab=(10, 1000)))
+    docs = distinct_documents(random_documents(rng, 120, max_len=50, vocab=(10, 1000)), rng)
+    return make_store(tmp_path / "store", docs)
 
 
 def _stack(batches):
