@@ -184,6 +184,9 @@ def _to_torch(rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(rows[k]) for k in BATCH_KEYS}
 
 
+_WORKER_ERROR = "user_error"  # key of the batch a loader worker sends in place of a UserError
+
+
 class _Batches(torch.utils.data.IterableDataset):
     """Batches first_slot + n * global_batch (+ rank offset) for n in [0, count); worker w of W builds n = w mod W."""
 
@@ -197,8 +200,15 @@ class _Batches(torch.utils.data.IterableDataset):
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         n = worker
         while self.count is None or n < self.count:
-            yield _to_torch(self.plan.rows(self.first_slot + n * self.global_batch + self.rank_offset,
-                                           self.batch_size))
+            try:
+                rows = self.plan.rows(self.first_slot + n * self.global_batch + self.rank_offset, self.batch_size)
+            except UserError as exc:
+                if info is None:
+                    raise
+                # A worker's exception reaches the trainer wrapped in its traceback; hand the message over instead.
+                yield {_WORKER_ERROR: str(exc)}
+                return
+            yield _to_torch(rows)
             n += workers
 
 
@@ -302,6 +312,8 @@ class PackedLoader:
             source = iter(dataset)
         pin = self.pin_memory and self.num_workers == 0 and torch.cuda.is_available()
         for batch in source:
+            if _WORKER_ERROR in batch:
+                raise UserError(batch[_WORKER_ERROR])
             if pin:
                 batch = {k: v.pin_memory() for k, v in batch.items()}
             self.rows_consumed += self.global_batch_size
