@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing
 import os
 import resource
 import statistics
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
 
 from bench.common import copy_bandwidth, device_name, format_table, machine_info, write_results
 from trainer.data.loader import PackedLoader
@@ -67,8 +69,6 @@ def synthetic_corpus(path: Path, *, megabytes: float, seed: int = 0, mean_words:
 
 
 def train_tokenizer(corpus: Path, out: Path, *, vocab_size: int, text_field: str = "text") -> Path:
-    import sentencepiece as spm
-
     sample, size = [], 0
     for text in read_documents(corpus, text_field=text_field):
         sample.append(text)
@@ -102,8 +102,6 @@ def _raw_encode_share(part: tuple[int, int]) -> int:
 def _raw_parallel_seconds(docs: list[str], model_proto: bytes, workers: int) -> float:
     """Wall time of raw encoding with the documents split over `workers` forked processes (no I/O, no parsing):
     the best any pipeline could do on this machine as it is right now."""
-    import multiprocessing
-
     global _raw_docs, _raw_encoder
     _raw_docs, _raw_encoder = docs, _Encoder(model_proto)
     bounds = np.linspace(0, len(docs), workers + 1).astype(int)

@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
 
 from bench.common import REPO_ROOT, device_name, format_table, machine_info, synchronize, write_results
@@ -56,8 +57,6 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def build_model_dir(preset: str, root: Path) -> Path:
-    import sentencepiece as spm
-
     config = Gemma2Config.preset(preset)
     text = "".join((SHARED / "text" / name).read_text()[:80_000] for name in ("en_ewt.txt", "lt_news.txt"))
     buffer = io.BytesIO()

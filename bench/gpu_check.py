@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -90,8 +91,6 @@ def _summarize(part: Part, out: Path) -> dict:
     row: dict = {}
     xml = Path(f"{out}.xml")
     if xml.exists():
-        import xml.etree.ElementTree as ET
-
         suite = ET.parse(xml).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
         row.update({k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")})

@@ -20,10 +20,23 @@ def make_store(path, docs, *, tokenizer_hash=HASH):
                                         tokenizer_sha256=tokenizer_hash, shard_tokens=700))
 
 
+def distinct_documents(docs: list[np.ndarray], rng) -> list[np.ndarray]:
+    """`docs` with every non-empty document made unique (a token appended where one repeats an earlier one):
+    _infer_order identifies documents by their content, and short random documents can coincide."""
+    seen, out = set(), []
+    for doc in docs:
+        while len(doc) and doc.tobytes() in seen:
+            doc = np.append(doc, rng.integers(10, 1000)).astype(np.uint32)
+        seen.add(doc.tobytes())
+        out.append(doc)
+    return out
+
+
 @pytest.fixture
 def store(tmp_path, seed):
     rng = np.random.default_rng(seed)
-    return make_store(tmp_path / "store", random_documents(rng, 120, max_len=50, vocab=(10, 1000)))
+    docs = distinct_documents(random_documents(rng, 120, max_len=50, vocab=(10, 1000)), rng)
+    return make_store(tmp_path / "store", docs)
 
 
 def _stack(batches):
@@ -193,3 +206,19 @@ def test_rank_and_world_size_default_to_torch_distributed(store, monkeypatch):
     assert (loader.rank, loader.world_size, loader.global_batch_size) == (1, 2, 4)
     want = PackedLoader(store, seq_len=32, batch_size=2, seed=4, rank=1, world_size=2)
     assert torch.equal(next(iter(loader))["input_ids"], next(iter(want))["input_ids"])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_shard_changed_after_tokenizing_stops_the_loader_with_one_clear_error(tmp_path, seed, workers):
+    rng = np.random.default_rng(seed)
+    docs = distinct_documents(random_documents(rng, 60, max_len=50, vocab=(10, 1000)), rng)
+    store = make_store(tmp_path / "store", docs).path
+    shard = store / "tokens-00001.u32"
+    data = bytearray(shard.read_bytes())
+    data[int(rng.integers(len(data)))] ^= 0x10  # same size, other bytes: only the hash can tell
+    shard.write_bytes(bytes(data))
+    loader = PackedLoader(store, seq_len=37, batch_size=3, num_workers=workers, epochs=1)
+    with pytest.raises(UserError, match=r"tokens-00001.u32: content does not match its sha256") as caught:
+        for _ in loader:
+            pass
+    assert "Traceback" not in str(caught.value) and "\n" not in str(caught.value)

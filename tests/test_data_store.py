@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -144,12 +145,25 @@ def test_bad_stores_each_give_one_clear_error(tmp_path, gemma_like):
     data[0] ^= 1
     (flipped / "tokens-00000.u32").write_bytes(bytes(data))
     TokenStore(flipped)  # sizes are fine: opening is cheap and does not read the tokens
-    with pytest.raises(UserError, match="does not match its sha256"):
+    with pytest.raises(UserError, match="tokens-00000.u32: content does not match its sha256"):
         TokenStore(flipped).verify()
+    with pytest.raises(UserError, match="tokens-00000.u32: content does not match its sha256.*changed after"):
+        TokenStore(flipped).document(0)  # the first read of a shard verifies it
+
+    beyond = tmp_path / "beyond"  # ids past the vocabulary, with a manifest hash that matches them
+    shutil.copytree(good, beyond)
+    tokens = np.fromfile(beyond / "tokens-00000.u32", dtype=np.uint32)
+    tokens[len(tokens) // 2] = 70_000
+    tokens.tofile(beyond / "tokens-00000.u32")
+    m = json.loads((beyond / "manifest.json").read_text())
+    m["shards"][0]["tokens_sha256"] = hashlib.sha256(tokens.tobytes()).hexdigest()
+    (beyond / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UserError, match="tokens-00000.u32: holds token id 70000 >= the store's vocabulary size"):
+        TokenStore(beyond).document(0)
 
     with pytest.raises(UserError, match="not a token store"):
         TokenStore(tmp_path)
-    for p in (truncated, future, flipped):  # opening never writes
+    for p in (truncated, future, flipped, beyond):  # opening and reading never write
         assert sorted(x.name for x in p.iterdir()) == sorted(x.name for x in good.iterdir())
 
 

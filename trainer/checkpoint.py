@@ -7,8 +7,10 @@
 
 Every rank writes into `.step-N.tmp`; after a barrier rank 0 writes state.json last and renames the directory to
 `step-N`, then rewrites `latest` atomically. A crash at any point leaves the previous checkpoints intact; a
-leftover `.tmp` directory or a step directory without state.json is ignored with a warning. A checkpoint saved by
-N ranks loads on M ranks: DCP reshards the model and optimizer, and the loader position is global.
+leftover `.tmp` directory or a step directory without state.json is ignored with a warning. A complete checkpoint
+that does not load (a truncated shard, a missing .metadata, an unreadable state.json: disk damage after the save)
+is skipped with a warning naming the damage, and the next older one is tried. A checkpoint saved by N ranks loads on
+M ranks: DCP reshards the model and optimizer, and the loader position is global.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from trainer.errors import UserError
@@ -52,9 +55,15 @@ def is_complete(path: Path) -> bool:
 
 def find_latest(checkpoint_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint; incomplete ones are skipped with a warning."""
+    complete = complete_checkpoints(checkpoint_dir)
+    return complete[0] if complete else None
+
+
+def complete_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints, newest first; incomplete ones are skipped with a warning."""
     root = Path(checkpoint_dir)
     if not root.is_dir():
-        return None
+        return []
     complete, broken = [], []
     for entry in root.iterdir():
         if entry.name.startswith(".step-") and entry.is_dir():
@@ -64,9 +73,7 @@ def find_latest(checkpoint_dir: str | os.PathLike) -> Path | None:
     if broken:
         warnings.warn(f"ignoring incomplete checkpoint(s) in {root}: {', '.join(sorted(broken))} "
                       f"(a save was interrupted); using the newest complete one", stacklevel=2)
-    if not complete:
-        return None
-    return root / max(complete)
+    return [root / name for name in sorted(complete, reverse=True)]
 
 
 def save_checkpoint(checkpoint_dir: str | os.PathLike, step: int, *, model, optimizer, rank_state: dict,
@@ -110,6 +117,9 @@ def load_checkpoint(path: str | os.PathLike, *, model, optimizer) -> tuple[dict,
     if not is_complete(path):
         raise UserError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
     state = json.loads((path / STATE_FILE).read_text())
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) \
+            or not isinstance(state.get("world_size"), int) or state["world_size"] < 1:
+        raise ValueError(f"{path / STATE_FILE} lacks a valid step and world_size")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     bundle = {"model": model_sd, "optim": optim_sd}
     dcp.load(bundle, checkpoint_id=str(path))
@@ -119,6 +129,44 @@ def load_checkpoint(path: str | os.PathLike, *, model, optimizer) -> tuple[dict,
     rank_file = path / f"rank{rank if rank < saved_world else rank % saved_world}.pt"
     rank_state = torch.load(rank_file, weights_only=True)
     return state, rank_state
+
+
+def _agree_on_failure(failure: str | None) -> str | None:
+    """The first failure of any rank, on every rank (so that all ranks move on to the same older checkpoint)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return failure
+    failures: list = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    return next((f"rank {r}: {f}" for r, f in enumerate(failures) if f), None)
+
+
+def load_newest_checkpoint(checkpoint_dir: str | os.PathLike, *, model, optimizer) -> tuple[Path, dict, dict] | None:
+    """Collective: load the newest complete checkpoint that loads; (path, state, this rank's rank_state), or None
+    when there is no complete checkpoint.
+
+    A damaged checkpoint (unreadable state.json or rank file, a missing or truncated DCP file) is skipped with a
+    warning naming the damage. The model and optimizer may be partly overwritten by a failed load; the next
+    checkpoint's load overwrites all of them again. UserError when checkpoints exist and none loads.
+    """
+    candidates = complete_checkpoints(checkpoint_dir)
+    damaged = []
+    for path in candidates:
+        failure = None
+        try:
+            state, rank_state = load_checkpoint(path, model=model, optimizer=optimizer)
+        except (Exception, CheckpointException) as exc:  # whatever the damage, this checkpoint cannot be used
+            failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+        failure = _agree_on_failure(failure)
+        if failure is None:
+            return path, state, rank_state
+        damaged.append(f"{path.name} ({failure})")
+        older = candidates[len(damaged)] if len(damaged) < len(candidates) else None
+        warnings.warn(f"checkpoint {path} does not load, skipping it: {failure}"
+                      + (f"; trying the older {older.name}" if older is not None else ""), stacklevel=2)
+    if damaged:
+        raise UserError(f"no checkpoint in {checkpoint_dir} loads: {'; '.join(damaged)}. Restore them from a "
+                        f"backup, or move them away to train from the start")
+    return None
 
 
 def read_model_tensor(path: str | os.PathLike, name: str, like: torch.Tensor) -> torch.Tensor:

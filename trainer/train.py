@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from trainer.checkpoint import load_newest_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, to_toml
 from trainer.data.loader import PackedLoader
 from trainer.distributed import init_distributed
@@ -159,8 +159,7 @@ class MetricsLog:
             return
         if self.path.exists():
             # After a resume, the steps logged past the checkpoint are replayed: drop their old lines.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line in self._records(self.path) if json.loads(line).get("step", 0) <= resume_step]
             with atomic_path(self.path) as tmp:
                 tmp.write_text("".join(line + "\n" for line in kept))
         if tensorboard:
@@ -170,6 +169,25 @@ class MetricsLog:
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError:
                 warnings.warn("logging.tensorboard = true but tensorboard is not installed: pip install tensorboard")
+
+    @staticmethod
+    def _records(path: Path) -> list[str]:
+        """The lines of metrics.jsonl that hold a record; a torn line (a crash or a full disk during an append)
+        is dropped with a warning, since its step is replayed after the resume anyway."""
+        kept = []
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict):
+                warnings.warn(f"{path}: line {number} is not a complete JSON record (a write was interrupted); "
+                              f"dropping it: {line[:80]!r}")
+                continue
+            kept.append(line)
+        return kept
 
     def write(self, record: dict, max_steps: int) -> None:
         if not self.enabled:
@@ -285,9 +303,11 @@ def train(config: TrainConfig, run_dir: str | Path, *, stop_after: int | None = 
 
     checkpoint_dir = run_dir / "checkpoints"
     start_step = 0
-    latest = find_latest(checkpoint_dir) if config.checkpoint.resume else None
-    if latest is not None:
-        state, rank_state = load_checkpoint(latest, model=model, optimizer=optimizer)
+    resumed = (load_newest_checkpoint(checkpoint_dir, model=model, optimizer=optimizer)
+               if config.checkpoint.resume else None)
+    latest = None
+    if resumed is not None:
+        latest, state, rank_state = resumed
         if ewc_info.get("ewc_sha256") != state.get("ewc_sha256"):
             raise UserError(f"{latest} was trained with EWC file {state.get('ewc_file')} "
                             f"(sha256 {str(state.get('ewc_sha256'))[:12]}), this run has {ewc_info.get('ewc_file')} "

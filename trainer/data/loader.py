@@ -36,6 +36,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from trainer.data.packing import BATCH_KEYS, IGNORE_INDEX, EpochLayout, epoch_layout, pack_range, pack_rows
 from trainer.data.store import TokenStore
@@ -83,7 +84,7 @@ def mixture_period(weights: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     return slot_store, slot_rank
 
 
-class _Plan:
+class _SlotPlan:
     """Everything that turns a global slot number into packed rows; shared by the loader and its workers."""
 
     def __init__(self, stores: list[TokenStore], weights: list[float], seq_len: int, seed: int, shuffle: str,
@@ -183,10 +184,13 @@ def _to_torch(rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(rows[k]) for k in BATCH_KEYS}
 
 
+_WORKER_ERROR = "user_error"  # key of the batch a loader worker sends in place of a UserError
+
+
 class _Batches(torch.utils.data.IterableDataset):
     """Batches first_slot + n * global_batch (+ rank offset) for n in [0, count); worker w of W builds n = w mod W."""
 
-    def __init__(self, plan: _Plan, first_slot: int, count: int | None, global_batch: int, rank_offset: int,
+    def __init__(self, plan: _SlotPlan, first_slot: int, count: int | None, global_batch: int, rank_offset: int,
                  batch_size: int):
         self.plan, self.first_slot, self.count = plan, first_slot, count
         self.global_batch, self.rank_offset, self.batch_size = global_batch, rank_offset, batch_size
@@ -196,12 +200,19 @@ class _Batches(torch.utils.data.IterableDataset):
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         n = worker
         while self.count is None or n < self.count:
-            yield _to_torch(self.plan.rows(self.first_slot + n * self.global_batch + self.rank_offset,
-                                           self.batch_size))
+            try:
+                rows = self.plan.rows(self.first_slot + n * self.global_batch + self.rank_offset, self.batch_size)
+            except UserError as exc:
+                if info is None:
+                    raise
+                # A worker's exception reaches the trainer wrapped in its traceback; hand the message over instead.
+                yield {_WORKER_ERROR: str(exc)}
+                return
+            yield _to_torch(rows)
             n += workers
 
 
-def _open(store, tokenizer_hash: str | None) -> TokenStore:
+def _open_store(store, tokenizer_hash: str | None) -> TokenStore:
     if isinstance(store, TokenStore):
         if tokenizer_hash is not None and store.tokenizer_hash != tokenizer_hash:
             TokenStore(store.path, expected_tokenizer_hash=tokenizer_hash)  # raises the standard error
@@ -225,7 +236,7 @@ class PackedLoader:
                  tokenizer_hash: str | None = None, prefetch_factor: int = 4):
         if isinstance(stores, (TokenStore, str, os.PathLike)):
             stores = [stores]
-        stores = [_open(s, tokenizer_hash) for s in stores]
+        stores = [_open_store(s, tokenizer_hash) for s in stores]
         if not stores:
             raise UserError("the loader needs at least one token store")
         hashes = {s.tokenizer_hash for s in stores}
@@ -244,8 +255,6 @@ class PackedLoader:
         if epochs is not None and epochs < 1:
             raise UserError(f"epochs must be at least 1, got {epochs}")
         if rank is None or world_size is None:
-            import torch.distributed as dist
-
             initialized = dist.is_available() and dist.is_initialized()
             rank = (dist.get_rank() if initialized else 0) if rank is None else rank
             world_size = (dist.get_world_size() if initialized else 1) if world_size is None else world_size
@@ -257,7 +266,7 @@ class PackedLoader:
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.shuffle, self.epochs = num_workers, shuffle, epochs
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
-        self.plan = _Plan(stores, weights, seq_len, seed, shuffle, epochs)
+        self.plan = _SlotPlan(stores, weights, seq_len, seed, shuffle, epochs)
         self.rows_consumed = 0  # global rows (slots) handed out so far, by all ranks together
 
     @property
@@ -303,6 +312,8 @@ class PackedLoader:
             source = iter(dataset)
         pin = self.pin_memory and self.num_workers == 0 and torch.cuda.is_available()
         for batch in source:
+            if _WORKER_ERROR in batch:
+                raise UserError(batch[_WORKER_ERROR])
             if pin:
                 batch = {k: v.pin_memory() for k, v in batch.items()}
             self.rows_consumed += self.global_batch_size

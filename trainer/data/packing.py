@@ -133,6 +133,13 @@ def _shard_views(src: TokenSource) -> list[memoryview]:
     return views
 
 
+def _verify_before_reading(src: TokenSource, shards) -> None:
+    """A token store checks each shard the first time this process reads it (trainer/data/store.py)."""
+    verify = getattr(src, "verify_shards", None)
+    if verify is not None:
+        verify(shards)
+
+
 def _content_views(src: TokenSource, g_lo: np.ndarray, g_hi: np.ndarray) -> list[memoryview]:
     """Views of global token ranges [g_lo[i], g_hi[i]) (each inside one shard), as memoryviews.
 
@@ -140,10 +147,12 @@ def _content_views(src: TokenSource, g_lo: np.ndarray, g_hi: np.ndarray) -> list
     dominates for documents of a few hundred tokens."""
     views = _shard_views(src)
     if len(views) == 1:
+        _verify_before_reading(src, (0,))
         shard = views[0]
         return [shard[x:y] for x, y in zip(g_lo.tolist(), g_hi.tolist())]
     # an empty range may sit at the very end of the tokens: clip it into the last shard (it slices to nothing)
     j = np.minimum(np.searchsorted(src.shard_starts, g_lo, side="right") - 1, len(views) - 1)
+    _verify_before_reading(src, j)
     base = src.shard_starts[j]
     return [views[s][x:y] for s, x, y in zip(j.tolist(), (g_lo - base).tolist(), (g_hi - base).tolist())]
 
@@ -172,12 +181,14 @@ def _pack_run(src: TokenSource, layout: EpochLayout, first_row: int, B: int, bos
     parts = [bos, None, eos] * n
     views = _shard_views(src)
     if len(views) == 1:
+        _verify_before_reading(src, (0,))
         mv = views[0]
         parts[1::3] = [mv[x:x + m - 2] for x, m in zip(starts, lens)]
         shard_of = [0] * n
         base = [0] * n
     else:
         j = np.searchsorted(src.shard_starts, doc_start, side="right") - 1
+        _verify_before_reading(src, j)
         shard_of, base = j.tolist(), src.shard_starts[j].tolist()
         parts[1::3] = [views[sh][x - b:x - b + m - 2] for sh, b, x, m in zip(shard_of, base, starts, lens)]
     for i in {0, n - 1}:  # the end pieces may be cut by the window (segment offsets: 0 BOS, 1..len, len+1 EOS)

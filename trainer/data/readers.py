@@ -215,6 +215,7 @@ def _streamed_line_chunks(path: Path, kind: str, text_field: str, chunk_bytes: i
 
 
 def _parquet_chunks(path: Path, text_field: str, chunk_bytes: int) -> Iterator[Chunk]:
+    # pyarrow takes ~0.2 s to import: paid only by Parquet inputs, not by every tokenize worker.
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -16,7 +16,12 @@ document i is the i-th input document) and skipped by the packer.
     store.num_documents, store.num_tokens, store.document(0)      # np.ndarray[uint32], a view of the shard
 
 Opening validates everything that is cheap (format and version, the tokenizer hash, every file's size against the
-manifest, the offsets); `verify()` also checks content hashes and that every id is below the vocabulary size.
+manifest, the offsets and their sha256). A token shard is verified the first time a process reads from it: its
+sha256 against the manifest and every id below the vocabulary size, so a shard changed after tokenizing (even
+rewritten at the same size) is an error naming it before any of its tokens is used. That costs one extra read of
+each shard per process that reads it (sha256 at about 1-2 GB/s: under a second per 1 GiB shard), spread over the
+run as shards are first touched, instead of re-reading the whole corpus at every start. `verify()` checks all
+shards at once.
 """
 
 from __future__ import annotations
@@ -212,7 +217,11 @@ class TokenStore:
                 if have != want:
                     raise _bad(p, f"has {have} bytes, the manifest says {want}: the shard is truncated or damaged; "
                                   "re-copy or re-create the store")
-            off = np.fromfile(off_path, dtype=OFFSET_DTYPE).astype(np.int64)
+            off_bytes = off_path.read_bytes()
+            if "offsets_sha256" in entry and hashlib.sha256(off_bytes).hexdigest() != entry["offsets_sha256"]:
+                raise _bad(off_path, "content does not match its sha256 in the manifest: the shard changed after "
+                                     "tokenizing; re-copy or re-create the store")
+            off = np.frombuffer(off_bytes, dtype=OFFSET_DTYPE).astype(np.int64)
             if off[0] != 0 or off[-1] != tokens or (docs and np.any(np.diff(off) < 0)):
                 raise _bad(off_path, "document offsets are inconsistent; the store is damaged, re-create it")
             # A plain ndarray view of the map (slicing a np.memmap costs ~1 us of Python per slice).
@@ -220,6 +229,8 @@ class TokenStore:
                                else np.zeros(0, dtype=TOKEN_DTYPE))
             offsets.append(off[1:] + shard_starts[-1])
             shard_starts.append(shard_starts[-1] + tokens)
+        self._verified = [not len(shard) for shard in self.shards]
+        self._unverified = self._verified.count(False)
         self.doc_offsets = np.concatenate(offsets)
         self.shard_starts = np.asarray(shard_starts, dtype=np.int64)
         if len(self.doc_offsets) != self.num_documents + 1 or self.shard_starts[-1] != self.num_tokens:
@@ -244,6 +255,8 @@ class TokenStore:
         shard = int(np.searchsorted(self.shard_starts, start, side="right")) - 1
         base = int(self.shard_starts[shard])
         assert stop <= self.shard_starts[shard + 1] or start == stop
+        if self._unverified:
+            self.verify_shards((shard,))
         return self.shards[shard][start - base:stop - base] if start < stop else np.zeros(0, TOKEN_DTYPE)
 
     def document(self, i: int) -> np.ndarray:
@@ -252,16 +265,30 @@ class TokenStore:
         i %= self.num_documents
         return self.tokens(int(self.doc_offsets[i]), int(self.doc_offsets[i + 1]))
 
+    def _verify_tokens(self, shard: int) -> None:
+        entry = self.manifest["shards"][shard]
+        path = self.path / entry["tokens_file"]
+        if "tokens_sha256" in entry and sha256_file(path) != entry["tokens_sha256"]:
+            raise _bad(path, "content does not match its sha256 in the manifest: the shard changed after "
+                             "tokenizing; re-copy or re-create the store")
+        top = int(self.shards[shard].max())
+        if top >= self.vocab_size:
+            raise _bad(path, f"holds token id {top} >= the store's vocabulary size {self.vocab_size}; the store is "
+                             f"damaged, re-create it with `gemma-ewc tokenize`")
+        self._verified[shard] = True
+        self._unverified -= 1
+
+    def verify_shards(self, shards) -> None:
+        """Verify the shards among `shards` (indices) that this process has not verified yet; called before a read."""
+        if not self._unverified:
+            return
+        for shard in sorted(set(np.asarray(shards).reshape(-1).tolist())):
+            if not self._verified[shard]:
+                self._verify_tokens(shard)
+
     def verify(self) -> None:
-        """Check every file's sha256 against the manifest and every token id against the vocabulary (reads all)."""
-        for entry, shard in zip(self.manifest["shards"], self.shards):
-            for key in ("tokens", "offsets"):
-                p = self.path / entry[f"{key}_file"]
-                if sha256_file(p) != entry[f"{key}_sha256"]:
-                    raise _bad(p, "content does not match its sha256 in the manifest; the store is damaged")
-            if len(shard) and int(shard.max()) >= self.vocab_size:
-                raise _bad(self.path / entry["tokens_file"],
-                           f"holds token id {int(shard.max())} >= vocabulary size {self.vocab_size}")
+        """Check every shard now (sha256 against the manifest, ids against the vocabulary): reads the whole store."""
+        self.verify_shards(range(len(self.shards)))
 
 
 def _reopen(path: str, fingerprint: str) -> TokenStore:

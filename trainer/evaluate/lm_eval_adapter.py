@@ -28,6 +28,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
+
+from trainer.dtypes import compute_dtype
+from trainer.evaluate.generate import greedy_generate
+from trainer.evaluate.scoring import (ScoringOptions, Tokenizer, check_tokenizer, default_device, loglikelihood,
+                                     loglikelihood_rolling)
+from trainer.hf import load_pretrained
+
 try:
     from lm_eval.api.model import LM as _LMBase
     from lm_eval.api.registry import register_model as _register_model
@@ -56,11 +64,6 @@ class GemmaEWCLM(_LMBase):
                              f"device, dtype, attention, max_length, batch_size, row_tokens, max_gen_toks, "
                              f"gen_batch_size")
         super().__init__()
-        import torch
-
-        from trainer.dtypes import compute_dtype
-        from trainer.evaluate.scoring import ScoringOptions, Tokenizer, check_tokenizer, default_device
-
         device = torch.device(device or default_device())
         if device.type == "cuda" and not torch.cuda.is_available():
             # lm-eval's command line asks for "cuda" by default; on a CPU-only machine run there instead.
@@ -68,8 +71,6 @@ class GemmaEWCLM(_LMBase):
             device = torch.device("cpu")
         torch_dtype = compute_dtype(str(dtype), device)
         if model is None:
-            from trainer.hf import load_pretrained
-
             model = load_pretrained(pretrained, dtype=torch_dtype, device=device, attention_backend=attention)
         self.model = model.eval()
         self.tokenizer = Tokenizer(tokenizer or Path(pretrained) / "tokenizer.model")
@@ -116,8 +117,6 @@ class GemmaEWCLM(_LMBase):
         return self.tokenizer.decode(tokens)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        from trainer.evaluate.scoring import loglikelihood
-
         pairs = [tuple(r.args[:2]) for r in requests]
         results = loglikelihood(self.model, self.tokenizer, pairs, max_length=self.max_length, options=self.options)
         out = []
@@ -130,8 +129,6 @@ class GemmaEWCLM(_LMBase):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        from trainer.evaluate.scoring import loglikelihood_rolling
-
         strings = [r.args[0] for r in requests]
         tokens = self.tokenizer.encode_batch(strings)
         nonempty = [i for i, t in enumerate(tokens) if t]
@@ -145,8 +142,6 @@ class GemmaEWCLM(_LMBase):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from trainer.evaluate.generate import greedy_generate
-
         groups: dict[tuple, list[int]] = {}
         settings = []
         for i, r in enumerate(requests):

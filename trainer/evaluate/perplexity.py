@@ -23,8 +23,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+from trainer.data.readers import ReadStats, expand_inputs, read_documents
+from trainer.data.store import MANIFEST, TokenStore
 from trainer.errors import UserError
 from trainer.evaluate.scoring import ScoringOptions, Tokenizer, loglikelihood_rolling
+from trainer.fileio import files_sha256
 
 
 @dataclass
@@ -85,10 +88,6 @@ class PerplexityInput:
 def read_perplexity_input(path: str | os.PathLike, tokenizer: Tokenizer, *, text_field: str = "text",
                           limit: int | None = None) -> PerplexityInput:
     """A corpus file or folder (.jsonl/.json/.parquet/.txt, .gz), or a token store made with this tokenizer."""
-    from trainer.data.readers import ReadStats, expand_inputs, read_documents
-    from trainer.data.store import MANIFEST, TokenStore
-    from trainer.fileio import files_sha256
-
     path = Path(path)
     if path.is_dir() and (path / MANIFEST).is_file():
         store = TokenStore(path, expected_tokenizer_hash=tokenizer.sha256)

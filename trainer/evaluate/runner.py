@@ -35,6 +35,7 @@ from typing import Sequence
 
 import torch
 
+from trainer import __version__
 from trainer.errors import UserError
 from trainer.evaluate.generate import greedy_generate
 from trainer.evaluate.scoring import ScoringOptions, Tokenizer, loglikelihood, mean_stderr
@@ -186,8 +187,6 @@ def write_results(path: str | os.PathLike, results: dict) -> Path:
 
 def new_results(*, model_dir: Path, fingerprint: tuple[str, str], tokenizer: Tokenizer, config, label: str | None,
                 ewc_lambda: float | None, settings: dict) -> dict:
-    import trainer
-
     return {
         "format": RESULTS_FORMAT,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -201,5 +200,5 @@ def new_results(*, model_dir: Path, fingerprint: tuple[str, str], tokenizer: Tok
         "settings": settings,
         "perplexity": {},
         "tasks": {},
-        "versions": {"gemma-ewc": trainer.__version__, "torch": torch.__version__, "python": sys.version.split()[0]},
+        "versions": {"gemma-ewc": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
     }

@@ -88,10 +88,21 @@ def _torch_load(path: Path, refuse: str):
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
-        raise UserError(refuse.format(f"something torch's weights_only loader rejects ({_first_line(exc)})")
+        # torch's message goes on to advise weights_only=False, which would run the file's code: keep only what
+        # it rejected.
+        raise UserError(refuse.format(f"something torch's weights_only loader rejects ({_rejected(exc)})")
                         ) from None
     except Exception as exc:
         raise UserError(f"{path}: not a readable torch.save file ({_first_line(exc)})") from None
+
+
+def _rejected(exc: BaseException) -> str:
+    """What torch's weights_only unpickler refused (its 'WeightsUnpickler error: ...' line), without its advice."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    detail = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("WeightsUnpickler error:")
+                   and line.split(":", 1)[1].strip()), None)
+    detail = detail or next((line.rstrip(".") for line in lines if "GLOBAL" in line or "unsupported" in line), None)
+    return detail or "a global or a construct outside tensors and plain containers"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -151,8 +162,11 @@ def import_legacy(path: str | os.PathLike, out: str | os.PathLike, *, inf_cap: f
             raise UserError(f"{path}: {name} is not a floating-point tensor ({f.dtype}, {a.dtype})")
         bad = ~torch.isfinite(f)
         if bool(bad.any()):
-            raise UserError(f"{path}: fisher {name} has {int(bad.sum())} non-finite value(s) left after the inf "
-                            f"cap (NaN in the original): this Fisher cannot be used; re-estimate it with "
+            nan, inf = int(torch.isnan(f).sum()), int(torch.isinf(f).sum())
+            found = ", ".join(part for part in (f"{nan} NaN" if nan else "", f"{inf} infinite" if inf else "")
+                              if part)
+            raise UserError(f"{path}: fisher {name} holds {found} value(s), which the reference study's inf cap "
+                            f"({inf_cap:g}) should have replaced: this Fisher cannot be used; re-estimate it with "
                             f"`gemma-ewc fisher`")
         if bool((f < 0).any()):
             raise UserError(f"{path}: fisher {name} has negative values: not a Fisher")
