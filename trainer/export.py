@@ -36,6 +36,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise UserError(f"{path} holds no complete training checkpoint")
 
 
+def run_tokenizer(step_dir: Path) -> str | None:
+    """The tokenizer the run trained with (its data.tokenizer), or None."""
+    return tomllib.loads((step_dir / "config.toml").read_text()).get("data", {}).get("tokenizer") or None
+
+
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = torch.bfloat16,
                       tokenizer: str | None = None) -> Path:
     """A training checkpoint -> a Hugging Face Gemma2 directory, reading one tensor at a time (no process group)."""
@@ -43,7 +48,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: torch.d
     model_config = config_from_hf(json.loads((step_dir / "config.json").read_text()),
                                   source=str(step_dir / "config.json"))
     if tokenizer is None:
-        tokenizer = tomllib.loads((step_dir / "config.toml").read_text()).get("data", {}).get("tokenizer")
+        tokenizer = run_tokenizer(step_dir)
         if tokenizer and not Path(tokenizer).is_file():
             warnings.warn(f"the run's tokenizer {tokenizer} is gone; exporting without tokenizer.model")
             tokenizer = None

@@ -1,4 +1,10 @@
-"""Atomic writes and content hashes for every file the project produces (checkpoints, EWC files, token stores)."""
+"""Atomic writes, output guards and content hashes for every file the project produces (checkpoints, EWC files,
+token stores, exports, results).
+
+Every command that writes checks its output first with `check_output`: it never writes over one of its own inputs
+(even with --overwrite), never replaces an existing non-empty file or directory without --overwrite, and errors
+name the path the user gave (never a temporary one).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
+
+from trainer.errors import UserError
 
 
 def _fsync_dir(path: Path) -> None:
@@ -25,6 +33,55 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _same(a: Path, b: Path) -> bool:
+    """The same file or directory, also through links."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def check_output(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (), overwrite: bool = False,
+                 directory: bool = False, owned_marker: str | None = None, flag: str = "--out") -> Path:
+    """Refuse an output that would lose a user's files; returns `out` as a Path. Call it before any side effect.
+
+    - an input is never written over: `out` may not be an input, nor a directory holding one (replacing it would
+      delete the input), with or without `overwrite`;
+    - an existing non-empty output (a file, or a directory with entries) is replaced only with `overwrite`;
+    - a file output may not be a directory, and a directory output may not be a file;
+    - `owned_marker`: with `overwrite`, an existing directory is replaced only if it holds this file (it looks like
+      this command's own output: a token store's manifest, a model's config.json), never an arbitrary folder.
+    """
+    out = Path(out)
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given)
+        if _same(out, source):
+            raise UserError(f"{flag} {out} is also an input ({source}); refusing to write over it: choose another "
+                            f"{flag}")
+        if source.resolve().is_relative_to(out.resolve()):
+            raise UserError(f"{flag} {out} holds the input {source}; replacing it would delete that input: choose "
+                            f"another {flag}")
+    if not out.exists():
+        return out
+    if directory and not out.is_dir():
+        raise UserError(f"{flag} {out} exists and is not a directory; choose another {flag}")
+    if not directory and out.is_dir():
+        raise UserError(f"{flag} {out} is a directory; give the path of the file to write")
+    empty = not any(out.iterdir()) if out.is_dir() else out.stat().st_size == 0
+    if empty:
+        return out
+    if not overwrite:
+        raise UserError(f"{flag} {out} already exists; pass --overwrite to replace it, or choose another {flag}")
+    if directory and owned_marker is not None and not (out / owned_marker).exists():
+        raise UserError(f"{flag} {out} exists and does not look like this command's output (no {owned_marker}); "
+                        f"refusing to replace it even with --overwrite: choose another {flag}")
+    return out
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to `final`; on success rename it over `final`, on failure delete it.
@@ -34,6 +91,9 @@ def atomic_path(final: str | os.PathLike, *, is_dir: bool = False) -> Iterator[P
     old or the new directory complete.
     """
     final = Path(final)
+    if final.is_dir() != is_dir and final.exists():
+        raise UserError(f"{final} is a directory; give the path of the file to write" if not is_dir
+                        else f"{final} exists and is not a directory")
     final.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{final.name}.tmp-"
     # mkdtemp/mkstemp create private (0700/0600) entries; the result should get the usual umask-based mode.

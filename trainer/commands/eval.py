@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 
-from trainer.commands.options import ATTENTION_CHOICES, MODEL_DTYPES
+from trainer.commands.options import ATTENTION_CHOICES, MODEL_DTYPES, add_overwrite
 from trainer.dtypes import compute_dtype, dtype_name
 from trainer.errors import UserError
 from trainer.evaluate import runner
 from trainer.evaluate.perplexity import perplexity_of_input, read_perplexity_input
 from trainer.evaluate.scoring import ScoringOptions, Tokenizer, check_tokenizer, default_device
 from trainer.evaluate.tasks import TASK_TYPES, attach_fewshot, load_docs, load_task, split_named
+from trainer.fileio import check_output
 from trainer.hf import load_pretrained
 from trainer.task_files import benchmark_files
 
@@ -45,6 +46,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="few-shot examples for the task NAME, or for every task of the file's type (default: the "
                         "dev/train file next to the test file, e.g. mmlu/dev/x_dev.csv for mmlu/test/x_test.csv)")
     p.add_argument("--out", default=None, metavar="FILE", help="write the results JSON here (atomically)")
+    add_overwrite(p)
     p.add_argument("--label", default=None, help="run label in the results (default: from DIR/gemma-ewc.json, "
                                                  "else the directory name)")
     p.add_argument("--lambda", dest="ewc_lambda", type=float, default=None,
@@ -84,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
     for name in ("max_length", "stride", "row_tokens", "batch_size", "gen_batch_size", "max_new_tokens", "limit"):
         _positive(name.replace("_", "-"), getattr(args, name))
     model_dir = Path(args.model)
+    if args.out:
+        inputs = [model_dir, args.tokenizer, *(split_named(spec)[1] for spec in args.ppl + args.tasks
+                                               + args.fewshot_file)]
+        check_output(args.out, inputs=inputs, overwrite=args.overwrite)
     if not model_dir.is_dir():
         raise UserError(f"model directory {model_dir} not found: give a Hugging Face Gemma2 directory "
                         f"(config.json, safetensors, tokenizer.model)")

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import argparse
 
-from trainer.commands.options import STATE_DTYPES, default_first
+from trainer.commands.options import STATE_DTYPES, add_overwrite, default_first
 from trainer.dtypes import DTYPES
-from trainer.export import export_checkpoint, resolve_checkpoint
+from trainer.export import export_checkpoint, resolve_checkpoint, run_tokenizer
+from trainer.fileio import check_output
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -17,9 +18,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=default_first(STATE_DTYPES, "bfloat16"), default="bfloat16",
                    help="weight dtype (default bfloat16)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model to include (default: the run's data.tokenizer)")
+    add_overwrite(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    out = export_checkpoint(args.checkpoint, args.out, dtype=DTYPES[args.dtype], tokenizer=args.tokenizer)
-    print(f"exported {resolve_checkpoint(args.checkpoint)} -> {out}")
+    step_dir = resolve_checkpoint(args.checkpoint)
+    check_output(args.out, inputs=[args.checkpoint, step_dir, args.tokenizer or run_tokenizer(step_dir)],
+                 overwrite=args.overwrite, directory=True, owned_marker="config.json")
+    out = export_checkpoint(step_dir, args.out, dtype=DTYPES[args.dtype], tokenizer=args.tokenizer)
+    print(f"exported {step_dir} -> {out}")
     return 0

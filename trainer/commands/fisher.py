@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.commands.options import ATTENTION_CHOICES, STATE_DTYPES, default_first
+from trainer.commands.options import ATTENTION_CHOICES, STATE_DTYPES, add_overwrite, default_first
 from trainer.config import ParallelConfig
 from trainer.data.tokenize import read_sentencepiece
 from trainer.distributed import init_distributed, process_group_scope
@@ -25,7 +25,7 @@ from trainer.errors import UserError
 from trainer.ewc.batches import encode_mmlu, prompt_batches, row_batches, text_rows
 from trainer.ewc.file import NORMALIZE_MODES, normalize_fisher_, write_ewc
 from trainer.ewc.fisher import ESTIMATORS, estimate_fisher_with_stats, named_hf_parameters
-from trainer.fileio import files_sha256, sha256_file
+from trainer.fileio import check_output, files_sha256, sha256_file
 from trainer.hf import HFCheckpoint
 from trainer.model import Gemma2
 from trainer.parallelize import build_mesh, materialize, parallelize
@@ -65,6 +65,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: MODEL/tokenizer.model)")
     p.add_argument("--text-field", default="text", help="text: the field of JSON Lines / Parquet records")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_overwrite(p)
 
 
 def load_sharded(path, *, device: torch.device, compute_dtype: str, attention_backend: str):
@@ -87,6 +88,8 @@ def _fisher(args: argparse.Namespace) -> int:
         raise UserError(f"--max-samples must be at least 1, got {args.max_samples}")
     if args.seq_len is not None and args.seq_len < 2:
         raise UserError(f"--seq-len must be at least 2, got {args.seq_len}")
+    check_output(args.out, inputs=[args.model, args.data, args.prompt_template, args.tokenizer],
+                 overwrite=args.overwrite)
     config = HFCheckpoint(args.model).config  # validates the directory before any heavy work
     # One code path for 1 and N ranks (as training): a process group always, the model always FSDP2-sharded.
     env = init_distributed(args.device)

@@ -6,6 +6,8 @@ or backend reaches every command at once.
 
 from __future__ import annotations
 
+import argparse
+
 from trainer.attention import BACKENDS
 from trainer.dtypes import DTYPES
 
@@ -15,6 +17,14 @@ MODEL_DTYPES = tuple(name for name in DTYPES if name != "float64")
 STATE_DTYPES = tuple(name for name in MODEL_DTYPES if name != "float16")
 # "auto": flash or flex on CUDA, eager on CPU (trainer.attention.resolve_backend).
 ATTENTION_CHOICES = ("auto", *BACKENDS)
+
+
+OVERWRITE_HELP = "replace an existing non-empty --out (never one of this command's inputs)"
+
+
+def add_overwrite(parser: argparse.ArgumentParser) -> None:
+    """The --overwrite flag of every command that writes (trainer.fileio.check_output enforces the rule)."""
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
 def default_first(names: tuple[str, ...], default: str) -> tuple[str, ...]:

@@ -12,6 +12,8 @@ import argparse
 from pathlib import Path
 
 from bench.profile import profile_training
+from trainer.commands.options import add_overwrite
+from trainer.fileio import check_output
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -21,9 +23,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/profile", help="directory for trace.json, kernels.md, kernels.json")
     p.add_argument("--top", type=int, default=20, help="rows of the kernel table")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_overwrite(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args.out, inputs=[args.config], overwrite=args.overwrite, directory=True, owned_marker="trace.json")
     table = profile_training(args.config, overrides=args.overrides, out=args.out, steps=args.steps,
                              warmup=args.warmup, top=args.top)
     out = Path(args.out)

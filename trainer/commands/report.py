@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from trainer.commands.options import add_overwrite
 from trainer.evaluate.report import write_report
+from trainer.fileio import check_output
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -18,9 +20,13 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="also draw PNG plots (accuracy and perplexity vs lambda) here; needs matplotlib")
     p.add_argument("--base", default=None, metavar="LABEL|FILE",
                    help="the base run (default: the one run without a lambda)")
+    add_overwrite(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args.out, inputs=args.results, overwrite=args.overwrite)
+    if args.plots:
+        check_output(args.plots, inputs=args.results, overwrite=args.overwrite, directory=True, flag="--plots")
     written = write_report([Path(p) for p in args.results], out=Path(args.out),
                            plots=Path(args.plots) if args.plots else None, base=args.base)
     for path in written:

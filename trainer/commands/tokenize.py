@@ -10,8 +10,9 @@ import argparse
 import sys
 
 from trainer.data.readers import DEFAULT_CHUNK_BYTES
-from trainer.data.store import DEFAULT_SHARD_TOKENS, TokenStore
+from trainer.data.store import DEFAULT_SHARD_TOKENS, MANIFEST, TokenStore
 from trainer.data.tokenize import default_workers, load_tokenizer, tokenize_to_store
+from trainer.fileio import check_output
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +36,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args.out, inputs=[*args.inputs, args.tokenizer], overwrite=args.overwrite, directory=True,
+                 owned_marker=MANIFEST)
     tok = load_tokenizer(args.tokenizer, bos_id=args.bos_id, eos_id=args.eos_id)
     report = tokenize_to_store(args.inputs, tokenizer=tok, out=args.out, workers=args.workers,
                                text_field=args.text_field, overwrite=args.overwrite, shard_tokens=args.shard_tokens,
