@@ -46,9 +46,27 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     return name
 
 
+def segment_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] -> bool [B, S], True where an attention segment begins: at every position 0 (a document starts)
+    and at every row start (a row that begins mid-document still begins a segment: it sees nothing before it).
+
+    The one reading of the packed-row layout: masks, RoPE offsets and FLOP counts all derive from it.
+    """
+    starts = position_ids == 0
+    starts[:, 0] = True
+    return starts
+
+
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """[B, S] -> [B, S] document index within each row: a new document begins at every position 0."""
-    return (position_ids == 0).cumsum(dim=1)
+    """[B, S] -> [B, S] segment index within each row, from 0 (see `segment_starts`)."""
+    return segment_starts(position_ids).cumsum(dim=1) - 1
+
+
+def segment_offsets(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] -> int64 [num_segments + 1]: where each segment starts in the flattened rows, then B * S
+    (flash-attn's cu_seqlens)."""
+    starts = segment_starts(position_ids).reshape(-1).nonzero().squeeze(1)
+    return torch.cat([starts, starts.new_tensor([position_ids.numel()])])
 
 
 def build_masks(position_ids: torch.Tensor, *, backend: str, sliding_window: int) -> AttentionMasks:
@@ -158,11 +176,7 @@ def _flex_attention(q, k, v, block_mask, *, scale: float, softcap: float | None)
 # ---------------------------------------------------------------------------------------------------------- flash
 
 def _flash_masks(position_ids: torch.Tensor, sliding_window: int) -> AttentionMasks:
-    B, S = position_ids.shape
-    starts = position_ids == 0
-    starts[:, 0] = True  # a row that begins mid-document still begins a sequence for the kernel
-    offsets = starts.reshape(-1).nonzero().squeeze(1)
-    cu_seqlens = torch.cat([offsets, offsets.new_tensor([B * S])]).to(torch.int32)
+    cu_seqlens = segment_offsets(position_ids).to(torch.int32)
     max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # one host sync per batch, shared by all layers
     return AttentionMasks("flash", sliding_window=sliding_window, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 

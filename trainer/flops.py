@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch
 
+from trainer.attention import segment_offsets
+
 # Dense peak FLOP/s by device-name fragment, from the vendors' datasheets (SXM parts; bfloat16 / float16).
 _GPU_PEAK_BF16 = {
     "H200": 989e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
@@ -83,13 +85,8 @@ def _measured_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def segment_lengths(position_ids: torch.Tensor) -> "list[int]":
-    """Lengths of the attention segments of packed rows: a segment starts at each position 0 and at each row start."""
-    starts = position_ids == 0
-    starts[:, 0] = True
-    rows, width = starts.shape
-    flat = torch.nonzero(starts.reshape(-1)).squeeze(1)
-    ends = torch.cat([flat[1:], flat.new_tensor([rows * width])])
-    return (ends - flat).tolist()
+    """Lengths of the attention segments of packed rows (trainer.attention.segment_starts)."""
+    return segment_offsets(position_ids).diff().tolist()
 
 
 def batch_flops_per_token(config, position_ids: torch.Tensor) -> float:
