@@ -25,11 +25,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from kernels.linear_cross_entropy import IGNORE_INDEX
 from trainer.config import TrainConfig, load_config, to_toml
 from trainer.distributed import process_group_scope
 from trainer.dtypes import DTYPES
 from trainer.errors import UserError
 from trainer.fileio import atomic_path, sha256_file
+from trainer.flops import batch_flops_per_token
 
 
 class TrainingError(RuntimeError):
@@ -231,9 +233,8 @@ def train_step(model, optimizer, micro_batches: list[dict], *, device: torch.dev
     reduce-scatter averages over ranks, so the gradient is that of the global mean token loss however the tokens
     are spread over ranks and micro-batches. A non-finite loss or gradient norm skips the update.
     """
-    from trainer.flops import batch_flops_per_token
-
-    scored = torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in micro_batches)), device=device)
+    scored = torch.tensor(float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)),
+                          device=device)
     dist.all_reduce(scored)
     scale = world_size / scored.clamp(min=1.0)
     loss_sum = torch.zeros((), device=device)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from trainer.model import KVCache
 
@@ -26,14 +25,6 @@ class Generation:
     tokens: list[int]      # generated tokens, EOS excluded
     text: str              # decoded, cut before the first stop string
     prompt_truncated: bool
-
-
-def _next_tokens(model, hidden_last: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden_last, model.embed_tokens.weight).float()
-    cap = model.config.final_softcap
-    if cap is not None:
-        logits = cap * torch.tanh(logits / cap)
-    return logits.argmax(dim=-1)
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -76,7 +67,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_n
         out: list[list[int]] = [[] for _ in rows]
         done = [False] * len(rows)
         for step in range(max_new_tokens):
-            nxt = _next_tokens(model, hidden)
+            nxt = model.lm_head(hidden, logits_dtype=torch.float32).argmax(dim=-1)
             for b, t in enumerate(nxt.tolist()):
                 if done[b]:
                     continue

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from trainer.errors import UserError
 
@@ -103,14 +102,10 @@ class ScoringOptions:
 
 def _head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, *, chunk: int):
     """log p(target) and argmax == target for hidden [N, H], targets [N], in float32, `chunk` rows at a time."""
-    weight = model.embed_tokens.weight
-    cap = model.config.final_softcap
     logprobs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     greedy = torch.empty(hidden.shape[0], dtype=torch.bool, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk):
-        logits = F.linear(hidden[start:start + chunk], weight).float()
-        if cap is not None:
-            logits = cap * torch.tanh(logits / cap)
+        logits = model.lm_head(hidden[start:start + chunk], logits_dtype=torch.float32)
         tgt = targets[start:start + chunk]
         logprobs[start:start + chunk] = (logits.gather(1, tgt[:, None])[:, 0] - torch.logsumexp(logits, dim=-1))
         greedy[start:start + chunk] = logits.argmax(dim=-1) == tgt

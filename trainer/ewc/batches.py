@@ -19,11 +19,10 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from kernels.linear_cross_entropy import IGNORE_INDEX
 from trainer.benchmarks import MCItem
 from trainer.errors import UserError
 from trainer.prompts import DEFAULT_MMLU_TEMPLATE, answer_letter_tokens, format_mmlu_prompt
-
-IGNORE_INDEX = -100
 
 
 @dataclass
