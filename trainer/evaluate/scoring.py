@@ -18,40 +18,15 @@ prepended. A request longer than the context window loses tokens on the left, as
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 
+from trainer.data.tokenize import Tokenizer
 from trainer.errors import UserError
-
-
-class Tokenizer:
-    """SentencePiece `tokenizer.model` (Gemma's): encode without special tokens, decode, BOS/EOS/pad ids, sha256."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        from trainer.data.tokenize import read_sentencepiece
-
-        self.path = Path(path)
-        self.sp, proto = read_sentencepiece(self.path)
-        self.sha256 = hashlib.sha256(proto).hexdigest()
-        self.vocab_size = self.sp.get_piece_size()
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        self.pad_id = max(self.sp.pad_id(), 0)
-
-    def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.sp.encode(list(texts))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.sp.decode(list(ids))
 
 
 def check_tokenizer(tokenizer: Tokenizer, config) -> None:
