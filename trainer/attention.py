@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 BACKENDS = ("eager", "flex", "flash")
 
@@ -126,8 +127,6 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked_ou
 # ----------------------------------------------------------------------------------------------------------- flex
 
 def _flex_masks(position_ids: torch.Tensor, sliding_window: int) -> AttentionMasks:
-    from torch.nn.attention.flex_attention import create_block_mask
-
     B, S = position_ids.shape
     doc = document_ids(position_ids)
 
@@ -154,8 +153,6 @@ def _softcap_score_mod(softcap: float):
 
 @functools.lru_cache(maxsize=None)
 def _compiled_flex_attention():
-    from torch.nn.attention.flex_attention import flex_attention
-
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -166,7 +163,7 @@ def _flex_attention(q, k, v, block_mask, *, scale: float, softcap: float | None)
         if torch.is_grad_enabled() and q.requires_grad:
             raise RuntimeError("the 'flex' attention backend has no backward pass on CPU; train on CPU with "
                                "attention backend 'eager'")
-        from torch.nn.attention.flex_attention import flex_attention as flex
+        flex = flex_attention
     out = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                score_mod=_softcap_score_mod(float(softcap)) if softcap else None,
                block_mask=block_mask, scale=scale, enable_gqa=q.shape[2] != k.shape[2])

@@ -9,6 +9,7 @@ min(i + 1, window) keys on sliding-window layers and to i + 1 keys on global lay
 from __future__ import annotations
 
 import functools
+import time
 from typing import Sequence
 
 import torch
@@ -66,8 +67,6 @@ def device_peak_flops(device: str = "cpu", dtype: torch.dtype = torch.bfloat16) 
 
 
 def _measured_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
-    import time
-
     n = 4096 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from tqdm import tqdm
 
 from trainer.model import KVCache
 
@@ -50,8 +51,6 @@ def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_n
     results: list[Generation | None] = [None] * len(prompts)
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(prompts), desc="generating", unit="prompt", file=sys.stderr, leave=False)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
+from tqdm import tqdm
 
 from trainer.data.tokenize import Tokenizer
 from trainer.errors import UserError
@@ -131,8 +132,6 @@ def score_spans(model, spans: Sequence[Span], num_owners: int, *, options: Scori
     batches = [rows[i:i + options.batch_rows] for i in range(0, len(rows), options.batch_rows)]
     bar = None
     if options.progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(spans), desc="scoring", unit="seq", file=sys.stderr, leave=False)
     for batch in batches:
         if options.fixed_shape:
