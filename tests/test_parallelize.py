@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -119,6 +120,26 @@ def test_activation_checkpointing_keeps_loss_gradients_and_names(mode, seed, mon
     assert len(recomputed) == len(chosen)
     with pytest.raises(ValueError, match="choose one of"):
         apply_activation_checkpointing(random_model(config), "some")
+
+
+def test_checkpointed_blocks_compile_whole(seed):
+    """torch.compile traces a checkpointed block in one graph (no break at the checkpoint) and changes nothing;
+    aot_eager stands in for inductor, which needs a C++ toolchain on CPU."""
+    config = small_config(num_layers=2)
+    plain = random_model(config, seed=seed).train()
+    compiled = apply_activation_checkpointing(copy.deepcopy(plain), "full")
+    for layer in compiled.layers:
+        layer.compile(backend="aot_eager", fullgraph=True)
+    ids, labels, pos = _batch(config, seed)
+    results = []
+    for model in (plain, compiled):
+        loss = model(ids, position_ids=pos, labels=labels)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (loss_plain, grads_plain), (loss_compiled, grads_compiled) = results
+    assert torch.allclose(loss_plain, loss_compiled, rtol=1e-6)
+    for a, b in zip(grads_plain, grads_compiled):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_hsdp_and_pretrained_shard_by_shard_loading(tmp_path):
