@@ -6,7 +6,8 @@ attention on odd ones; post-attention RMSNorm; pre/post feed-forward RMSNorm aro
 embeddings scaled by sqrt(hidden) cast to the compute dtype; tied LM head; final logits soft-capped.
 
 Parameter names are Hugging Face's without the leading "model." (see trainer/hf.py). Nothing distributed,
-no optimizer and no data code lives here: trainer/parallelize.py shards a built model.
+no optimizer and no data code lives here: trainer/parallelize.py checkpoints, compiles and shards a built
+model.
 """
 
 from __future__ import annotations
