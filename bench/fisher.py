@@ -24,6 +24,7 @@ import torch
 
 from bench.common import format_table, machine_info, time_fn, write_results
 from bench.model import COMPUTE_DTYPES, packed_batch
+from kernels.linear_cross_entropy import IGNORE_INDEX
 from trainer.dtypes import compute_dtype
 from trainer.ewc import estimate_fisher
 from trainer.model import Gemma2, Gemma2Config
@@ -58,13 +59,13 @@ def measure(fn, *, device, clock: str) -> float:
 
 def make_batch(config: Gemma2Config, args, *, device, mmlu_like: bool) -> dict[str, torch.Tensor]:
     ids, pos, _ = packed_batch(args.batch_size, args.seq_len, config.vocab_size, args.mean_doc_len, device=device)
-    labels = torch.full_like(ids, -100)
+    labels = torch.full_like(ids, IGNORE_INDEX)
     nxt = torch.cat([pos[:, 1:], torch.zeros_like(pos[:, :1])], dim=1)
     same_doc = nxt != 0  # the next token belongs to the same document
-    labels[:, :-1] = torch.where(same_doc[:, :-1], ids[:, 1:], -100)
+    labels[:, :-1] = torch.where(same_doc[:, :-1], ids[:, 1:], IGNORE_INDEX)
     if mmlu_like:  # keep only the last scored position of each document
         last = same_doc & ~torch.cat([same_doc[:, 1:], torch.zeros_like(same_doc[:, :1])], dim=1)
-        labels = torch.where(last, labels, -100)
+        labels = torch.where(last, labels, IGNORE_INDEX)
     return {"input_ids": ids, "labels": labels, "position_ids": pos}
 
 
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     for shape in ("text", "mmlu-like"):
         batch = make_batch(config, args, device=device, mmlu_like=shape == "mmlu-like")
-        n_scored = int((batch["labels"] != -100).sum())
+        n_scored = int((batch["labels"] != IGNORE_INDEX).sum())
         tokens = batch["input_ids"].numel() * args.batches
 
         def train_steps():

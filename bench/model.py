@@ -20,6 +20,7 @@ from trainer.attention import resolve_backend
 from trainer.dtypes import compute_dtype
 from trainer.flops import device_peak_flops, training_flops_per_token
 from trainer.model import Gemma2, Gemma2Config
+from trainer.parallelize import apply_activation_checkpointing
 
 COMPUTE_DTYPES = ("bfloat16", "float32")
 
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     model.init_weights()
     model.train()
     if args.checkpointing:
-        model.set_activation_checkpointing(True)
+        apply_activation_checkpointing(model, "full")
     ids, pos, lengths = packed_batch(args.batch_size, args.seq_len, config.vocab_size, args.mean_doc_len,
                                      device=device)
     labels = torch.roll(ids, -1, dims=1)

@@ -26,9 +26,16 @@ import torch
 
 from bench.common import format_table, machine_info, time_fn, write_results
 from bench.model import COMPUTE_DTYPES, packed_batch
+from kernels.linear_cross_entropy import IGNORE_INDEX
+from trainer.config import ParallelConfig
+from trainer.distributed import init_distributed, process_group_scope
 from trainer.dtypes import compute_dtype
 from trainer.flops import batch_flops_per_token, device_peak_flops, training_flops_per_token
+from trainer.hf import config_to_hf
 from trainer.model import Gemma2Config
+from trainer.optim import EWCAdamW
+from trainer.parallelize import build_mesh, build_sharded_model
+from trainer.train import param_groups, train_step
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -54,21 +61,12 @@ def _free(device: torch.device) -> None:
 
 
 def _our_model(config: Gemma2Config, *, device, dtype, attention: str):
-    from trainer.config import ParallelConfig
-    from trainer.model import Gemma2
-    from trainer.parallelize import build_mesh, materialize, parallelize
-
     parallel = ParallelConfig(param_dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
-    with torch.device("meta"):
-        model = Gemma2(config, attention_backend=attention)
-    parallelize(model, parallel, mesh=build_mesh(parallel, device_type=device.type))
-    return materialize(model, device=device, seed=0)
+    return build_sharded_model(config, parallel, mesh=build_mesh(parallel, device_type=device.type), device=device,
+                               seed=0, attention_backend=attention)
 
 
 def _our_step(model, batch: dict, *, device, ewc: bool, lam: float):
-    from trainer.optim import EWCAdamW
-    from trainer.train import param_groups, train_step
-
     groups, _ = param_groups(model, 0.01)
     optimizer = EWCAdamW(groups, lr=1e-5)
     if ewc:
@@ -86,8 +84,6 @@ def _our_step(model, batch: dict, *, device, ewc: bool, lam: float):
 def _hf_model(config: Gemma2Config, *, device):
     from transformers import Gemma2Config as HFConfig, Gemma2ForCausalLM
 
-    from trainer.hf import config_to_hf
-
     raw = config_to_hf(config)
     for key in ("architectures", "model_type", "torch_dtype"):
         raw.pop(key)
@@ -100,7 +96,7 @@ def _hf_step(model, batch: dict, *, device, dtype, ewc: bool, lam: float):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, fused=True)
     ids = batch["input_ids"].to(device)
     # transformers shifts labels itself: labels_hf[t + 1] = ours[t].
-    labels = torch.full_like(ids, -100)
+    labels = torch.full_like(ids, IGNORE_INDEX)
     labels[:, 1:] = batch["labels"][:, :-1].to(device)
     fisher = anchor = None
     if ewc:
@@ -124,23 +120,19 @@ def _hf_step(model, batch: dict, *, device, dtype, ewc: bool, lam: float):
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.distributed import process_group_scope
-
     with process_group_scope():
         return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from trainer.distributed import init_distributed
-
     env = init_distributed(args.device)
     device = env.device
     dtype = compute_dtype(args.dtype, device)
     config = Gemma2Config.preset(args.preset)
     ids, pos, _ = packed_batch(args.batch_size, args.seq_len, config.vocab_size, args.mean_doc_len, device="cpu")
     labels = torch.roll(ids, -1, dims=1)
-    labels[:, -1] = -100
-    labels[torch.roll(pos, -1, dims=1) == 0] = -100  # never predict the next document's first token
+    labels[:, -1] = IGNORE_INDEX
+    labels[torch.roll(pos, -1, dims=1) == 0] = IGNORE_INDEX  # never predict the next document's first token
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
     peak, peak_source = device_peak_flops(str(device), dtype)
     tokens = args.batch_size * args.seq_len

@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# The label of a position that is not scored (torch's cross_entropy default): the one definition, which the
+# packer, the trainer, the Fisher and the benchmarks import from here.
 IGNORE_INDEX = -100
 
 

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
+import pytest
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 from tests.distributed import run_distributed
 from tests.helpers import random_model, small_config
+from trainer import parallelize as parallelize_module
 from trainer.config import ParallelConfig
-from trainer.model import Gemma2, save_pretrained
-from trainer.parallelize import build_mesh, materialize, parallelize
+from trainer.model import Gemma2, KVCache, save_pretrained
+from trainer.parallelize import (CheckpointedDecoderLayer, apply_activation_checkpointing, build_mesh,
+                                 build_sharded_model, materialize)
 
 
 def _batch(config, seed=0):
@@ -36,11 +41,8 @@ def _loss_and_grads(model, ids, labels, pos, scale):
 def _sharded(rank, world_size, config_dict, parallel_dict, pretrained):
     config = small_config(**config_dict)
     parallel = ParallelConfig(**parallel_dict)
-    mesh = build_mesh(parallel, device_type="cpu")
-    with torch.device("meta"):
-        model = Gemma2(config, attention_backend="eager")
-    parallelize(model, parallel, mesh=mesh)
-    materialize(model, device="cpu", pretrained=pretrained, seed=3)
+    model = build_sharded_model(config, parallel, mesh=build_mesh(parallel, device_type="cpu"), device="cpu",
+                                pretrained=pretrained, seed=3, attention_backend="eager")
     ids, labels, pos = _batch(config)
     count = (labels != -100).sum()
     part = slice(rank * 4 // world_size, (rank + 1) * 4 // world_size)
@@ -75,6 +77,69 @@ def test_fsdp_two_ranks_equal_one_process_with_seeded_init():
     results = run_distributed(_sharded, world_size=2,
                               args=(dataclasses.asdict(config), {"param_dtype": "float32"}, None))
     _compare(results, _unsharded(config))
+
+
+def test_fsdp_with_activation_checkpointing_equals_one_process():
+    config = small_config(num_layers=3)
+    results = run_distributed(_sharded, world_size=2, args=(dataclasses.asdict(config), {
+        "param_dtype": "float32", "activation_checkpointing": "selective"}, None))
+    _compare(results, _unsharded(config))
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_keeps_loss_gradients_and_names(mode, seed, monkeypatch):
+    config = small_config(num_layers=3)
+    model = random_model(config, seed=seed).train()
+    ids, labels, pos = _batch(config, seed)
+    names, keys = [n for n, _ in model.named_parameters()], list(model.state_dict())
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(ids, position_ids=pos, labels=labels)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss_plain, grads_plain = loss_and_grads()
+    recomputed = []
+    monkeypatch.setattr(parallelize_module, "checkpoint",
+                        lambda fn, *args, **kwargs: recomputed.append(fn) or checkpoint(fn, *args, **kwargs))
+    apply_activation_checkpointing(model, mode)
+    chosen = [0, 1, 2] if mode == "full" else [0, 2]
+    assert [i for i, layer in enumerate(model.layers) if isinstance(layer, CheckpointedDecoderLayer)] == chosen
+    assert [n for n, _ in model.named_parameters()] == names and list(model.state_dict()) == keys
+    loss_ckpt, grads_ckpt = loss_and_grads()
+    assert len(recomputed) == len(chosen)
+    assert torch.equal(loss_plain, loss_ckpt)
+    for a, b in zip(grads_plain, grads_ckpt):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    # Nothing to recompute without grad, and decoding with a KV cache must not write the cache twice.
+    with torch.no_grad():
+        model(ids)
+    cache = KVCache(config, batch_size=ids.shape[0], max_length=ids.shape[1], dtype=torch.float32, device="cpu")
+    model(ids, kv_cache=cache)
+    assert len(recomputed) == len(chosen)
+    with pytest.raises(ValueError, match="choose one of"):
+        apply_activation_checkpointing(random_model(config), "some")
+
+
+def test_checkpointed_blocks_compile_whole(seed):
+    """torch.compile traces a checkpointed block in one graph (no break at the checkpoint) and changes nothing;
+    aot_eager stands in for inductor, which needs a C++ toolchain on CPU."""
+    config = small_config(num_layers=2)
+    plain = random_model(config, seed=seed).train()
+    compiled = apply_activation_checkpointing(copy.deepcopy(plain), "full")
+    for layer in compiled.layers:
+        layer.compile(backend="aot_eager", fullgraph=True)
+    ids, labels, pos = _batch(config, seed)
+    results = []
+    for model in (plain, compiled):
+        loss = model(ids, position_ids=pos, labels=labels)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (loss_plain, grads_plain), (loss_compiled, grads_compiled) = results
+    assert torch.allclose(loss_plain, loss_compiled, rtol=1e-6)
+    for a, b in zip(grads_plain, grads_compiled):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_hsdp_and_pretrained_shard_by_shard_loading(tmp_path):

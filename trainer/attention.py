@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 BACKENDS = ("eager", "flex", "flash")
 
@@ -46,9 +47,27 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     return name
 
 
+def segment_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] -> bool [B, S], True where an attention segment begins: at every position 0 (a document starts)
+    and at every row start (a row that begins mid-document still begins a segment: it sees nothing before it).
+
+    The one reading of the packed-row layout: masks, RoPE offsets and FLOP counts all derive from it.
+    """
+    starts = position_ids == 0
+    starts[:, 0] = True
+    return starts
+
+
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """[B, S] -> [B, S] document index within each row: a new document begins at every position 0."""
-    return (position_ids == 0).cumsum(dim=1)
+    """[B, S] -> [B, S] segment index within each row, from 0 (see `segment_starts`)."""
+    return segment_starts(position_ids).cumsum(dim=1) - 1
+
+
+def segment_offsets(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] -> int64 [num_segments + 1]: where each segment starts in the flattened rows, then B * S
+    (flash-attn's cu_seqlens)."""
+    starts = segment_starts(position_ids).reshape(-1).nonzero().squeeze(1)
+    return torch.cat([starts, starts.new_tensor([position_ids.numel()])])
 
 
 def build_masks(position_ids: torch.Tensor, *, backend: str, sliding_window: int) -> AttentionMasks:
@@ -108,8 +127,6 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked_ou
 # ----------------------------------------------------------------------------------------------------------- flex
 
 def _flex_masks(position_ids: torch.Tensor, sliding_window: int) -> AttentionMasks:
-    from torch.nn.attention.flex_attention import create_block_mask
-
     B, S = position_ids.shape
     doc = document_ids(position_ids)
 
@@ -136,8 +153,6 @@ def _softcap_score_mod(softcap: float):
 
 @functools.lru_cache(maxsize=None)
 def _compiled_flex_attention():
-    from torch.nn.attention.flex_attention import flex_attention
-
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -148,7 +163,7 @@ def _flex_attention(q, k, v, block_mask, *, scale: float, softcap: float | None)
         if torch.is_grad_enabled() and q.requires_grad:
             raise RuntimeError("the 'flex' attention backend has no backward pass on CPU; train on CPU with "
                                "attention backend 'eager'")
-        from torch.nn.attention.flex_attention import flex_attention as flex
+        flex = flex_attention
     out = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                score_mod=_softcap_score_mod(float(softcap)) if softcap else None,
                block_mask=block_mask, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
@@ -158,11 +173,7 @@ def _flex_attention(q, k, v, block_mask, *, scale: float, softcap: float | None)
 # ---------------------------------------------------------------------------------------------------------- flash
 
 def _flash_masks(position_ids: torch.Tensor, sliding_window: int) -> AttentionMasks:
-    B, S = position_ids.shape
-    starts = position_ids == 0
-    starts[:, 0] = True  # a row that begins mid-document still begins a sequence for the kernel
-    offsets = starts.reshape(-1).nonzero().squeeze(1)
-    cu_seqlens = torch.cat([offsets, offsets.new_tensor([B * S])]).to(torch.int32)
+    cu_seqlens = segment_offsets(position_ids).to(torch.int32)
     max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # one host sync per batch, shared by all layers
     return AttentionMasks("flash", sliding_window=sliding_window, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 

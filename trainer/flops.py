@@ -9,9 +9,12 @@ min(i + 1, window) keys on sliding-window layers and to i + 1 keys on global lay
 from __future__ import annotations
 
 import functools
+import time
 from typing import Sequence
 
 import torch
+
+from trainer.attention import segment_offsets
 
 # Dense peak FLOP/s by device-name fragment, from the vendors' datasheets (SXM parts; bfloat16 / float16).
 _GPU_PEAK_BF16 = {
@@ -64,8 +67,6 @@ def device_peak_flops(device: str = "cpu", dtype: torch.dtype = torch.bfloat16) 
 
 
 def _measured_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
-    import time
-
     n = 4096 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -83,13 +84,8 @@ def _measured_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def segment_lengths(position_ids: torch.Tensor) -> "list[int]":
-    """Lengths of the attention segments of packed rows: a segment starts at each position 0 and at each row start."""
-    starts = position_ids == 0
-    starts[:, 0] = True
-    rows, width = starts.shape
-    flat = torch.nonzero(starts.reshape(-1)).squeeze(1)
-    ends = torch.cat([flat[1:], flat.new_tensor([rows * width])])
-    return (ends - flat).tolist()
+    """Lengths of the attention segments of packed rows (trainer.attention.segment_starts)."""
+    return segment_offsets(position_ids).diff().tolist()
 
 
 def batch_flops_per_token(config, position_ids: torch.Tensor) -> float:

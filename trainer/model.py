@@ -6,7 +6,8 @@ attention on odd ones; post-attention RMSNorm; pre/post feed-forward RMSNorm aro
 embeddings scaled by sqrt(hidden) cast to the compute dtype; tied LM head; final logits soft-capped.
 
 Parameter names are Hugging Face's without the leading "model." (see trainer/hf.py). Nothing distributed,
-no optimizer and no data code lives here: trainer/parallelize.py shards a built model.
+no optimizer and no data code lives here: trainer/parallelize.py checkpoints, compiles and shards a built
+model.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from kernels.linear_cross_entropy import linear_cross_entropy
 from trainer import attention as attn
@@ -167,8 +167,6 @@ class DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
         self.mlp = MLP(config)
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
-        # Recompute this block's activations in backward instead of storing them (set by parallelize).
-        self.activation_checkpointing = False
 
     def forward(self, x, rope, masks, kv_cache=None):
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, masks, kv_cache,
@@ -195,12 +193,6 @@ class Gemma2(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.weight.zero_()
 
-    def set_activation_checkpointing(self, layers: bool | list[int] = True) -> None:
-        """Checkpoint every block (True), none (False), or the listed block indices."""
-        chosen = set(range(len(self.layers))) if layers is True else set(layers or [])
-        for i, layer in enumerate(self.layers):
-            layer.activation_checkpointing = i in chosen
-
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, *,
                       kv_cache: "KVCache | None" = None) -> torch.Tensor:
         """Final-normed hidden states [B, S, hidden] (the LM head's input)."""
@@ -224,10 +216,7 @@ class Gemma2(nn.Module):
         rope = rope_cos_sin(self._rope_positions(position_ids, kv_cache), self.config.head_dim,
                             self.config.rope_theta, x.dtype)
         for layer in self.layers:
-            if layer.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None:
-                x = checkpoint(layer, x, rope, masks, use_reentrant=False)
-            else:
-                x = layer(x, rope, masks, kv_cache)
+            x = layer(x, rope, masks, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(S)
         return self.norm(x)
@@ -239,13 +228,28 @@ class Gemma2(nn.Module):
         # the float32 RoPE angles as precise as in a fresh document.
         if kv_cache is not None:
             return position_ids
-        first_segment = (position_ids == 0).cumsum(dim=1) == 0
+        first_segment = attn.document_ids(position_ids) == 0
         return position_ids - torch.where(first_segment, position_ids[:, :1], 0)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Tied LM head and final soft-cap: [..., hidden] -> [..., vocab]."""
-        logits = F.linear(hidden, self.embed_tokens.weight)
+    def lm_head(self, hidden: torch.Tensor, *, labels: torch.Tensor | None = None,
+                logits_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tied LM head and the final soft-cap on final hidden states [..., hidden]: the only place they live.
+
+        Without `labels`: logits [..., vocab], soft-capped in `logits_dtype` when given (scoring and generation
+        ask for float32: a 256k vocabulary in bfloat16 loses ~3 significant digits of log-probability), else in
+        the matmul's dtype. With `labels` [...] (-100 = not scored): the float32 SUM of the token losses, in row
+        chunks so that the logits never exist (kernels/linear_cross_entropy.py).
+
+        Under FSDP2 the tied embedding must be unsharded here: call it from `forward`, or right after
+        `hidden_states` registered as an FSDP forward method (the root group stays gathered until backward).
+        """
+        weight = self.embed_tokens.weight
         cap = self.config.final_softcap
+        if labels is not None:
+            return linear_cross_entropy(hidden, weight, labels, softcap=cap)
+        logits = F.linear(hidden, weight)
+        if logits_dtype is not None:
+            logits = logits.to(logits_dtype)
         return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, *,
@@ -258,10 +262,7 @@ class Gemma2(nn.Module):
         row chunks so that the [B, S, vocab] logits never exist (kernels/linear_cross_entropy.py). It runs inside
         forward so that, under FSDP, the tied embedding is still unsharded when the head uses it.
         """
-        hidden = self.hidden_states(input_ids, position_ids, kv_cache=kv_cache)
-        if labels is not None:
-            return linear_cross_entropy(hidden, self.embed_tokens.weight, labels, softcap=self.config.final_softcap)
-        return self.logits(hidden)
+        return self.lm_head(self.hidden_states(input_ids, position_ids, kv_cache=kv_cache), labels=labels)
 
 
 class KVCache:

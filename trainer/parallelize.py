@@ -1,6 +1,10 @@
 """Apply activation checkpointing, torch.compile and FSDP2 to a built (meta-device) Gemma2, then fill it.
 
-Order (as torchtitan): checkpointing, compile, `fully_shard` on every decoder block, then the root. The root group
+    model = build_sharded_model(model_config, parallel_config, mesh=build_mesh(parallel_config, device_type="cuda"),
+                                device=device, pretrained="gemma-2-2b")   # or seed=0 for a seeded initialisation
+
+Order (as torchtitan): checkpointing, compile, `fully_shard` on every decoder block, then the root, so each block's
+FSDP hooks wrap its compiled code, which wraps the checkpointed forward. The root group
 holds the tied embedding/LM head and the final norm: Gemma2 uses the embedding twice (input lookup and LM head),
 and the loss is computed inside the root's forward (`model(ids, labels=...)`), so the embedding must stay unsharded
 from the root's pre-forward to its backward; a separate group for the embedding would reshard it between the two
@@ -19,13 +23,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
 
 from trainer.config import ParallelConfig
 from trainer.distributed import local_index, local_tensor
 from trainer.dtypes import DTYPES
 from trainer.errors import UserError
 from trainer.hf import HFCheckpoint, to_hf_name
-from trainer.model import Gemma2
+from trainer.model import DecoderLayer, Gemma2, Gemma2Config
 
 
 def build_mesh(config: ParallelConfig, *, device_type: str) -> DeviceMesh:
@@ -40,14 +45,40 @@ def build_mesh(config: ParallelConfig, *, device_type: str) -> DeviceMesh:
     return init_device_mesh(device_type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
 
 
-def parallelize(model: Gemma2, config: ParallelConfig, *, mesh: DeviceMesh) -> Gemma2:
-    """Shard `model` in place over `mesh` (FSDP2, or HSDP on a 2-D mesh) and return it."""
+class CheckpointedDecoderLayer(DecoderLayer):
+    """A decoder block that recomputes its activations in backward instead of storing them.
+
+    Applied by swapping the block's class (as `fully_shard` does) rather than wrapping it in torch's
+    `checkpoint_wrapper`, which would insert `_checkpoint_wrapped_module.` into every parameter name: the Hugging
+    Face names, DCP checkpoints and EWC files all key on the plain names.
+    """
+
+    def forward(self, x, rope, masks, kv_cache=None):
+        # Only when there is a backward to recompute for; decoding with a KV cache writes the cache as it goes and
+        # must not run twice.
+        if kv_cache is None and torch.is_grad_enabled():
+            return checkpoint(super().forward, x, rope, masks, use_reentrant=False)
+        return super().forward(x, rope, masks, kv_cache)
+
+
+def apply_activation_checkpointing(model: Gemma2, mode: str) -> Gemma2:
+    """Checkpoint every block ("full"), every other block from the first ("selective": about half the activation
+    memory for about a sixth more compute) or none ("none"), in place; parameter names do not change."""
     n = len(model.layers)
-    if config.activation_checkpointing == "full":
-        model.set_activation_checkpointing(True)
-    elif config.activation_checkpointing == "selective":
-        # Every other block: about half the activation memory for about a sixth more compute.
-        model.set_activation_checkpointing(list(range(0, n, 2)))
+    blocks = {"none": range(0), "selective": range(0, n, 2), "full": range(n)}
+    if mode not in blocks:
+        raise ValueError(f"unknown activation checkpointing {mode!r}; choose one of {tuple(blocks)}")
+    for i in blocks[mode]:
+        # Before compile and fully_shard, which both build on the block's class.
+        assert type(model.layers[i]) is DecoderLayer, f"block {i} is already a {type(model.layers[i]).__name__}"
+        model.layers[i].__class__ = CheckpointedDecoderLayer
+    return model
+
+
+def parallelize(model: Gemma2, config: ParallelConfig, *, mesh: DeviceMesh) -> Gemma2:
+    """Checkpoint, compile and shard `model` in place over `mesh` (FSDP2, or HSDP on a 2-D mesh) and return it."""
+    n = len(model.layers)
+    apply_activation_checkpointing(model, config.activation_checkpointing)
     if config.compile:
         for layer in model.layers:
             layer.compile()
@@ -59,6 +90,17 @@ def parallelize(model: Gemma2, config: ParallelConfig, *, mesh: DeviceMesh) -> G
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=i < n - 1)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def build_sharded_model(model_config: Gemma2Config, parallel_config: ParallelConfig, *, mesh: DeviceMesh,
+                        device: torch.device | str, pretrained: str | None = None, seed: int = 0,
+                        attention_backend: str = "auto") -> Gemma2:
+    """Gemma2 built on the meta device, `parallelize`d over `mesh`, then each rank's shard filled on `device` from
+    the Hugging Face directory `pretrained` or from the seeded initialisation (`materialize`)."""
+    with torch.device("meta"):
+        model = Gemma2(model_config, attention_backend=attention_backend)
+    parallelize(model, parallel_config, mesh=mesh)
+    return materialize(model, device=device, pretrained=pretrained, seed=seed)
 
 
 def initial_value(name: str, shape: torch.Size, *, seed: int, std: float = 0.02) -> torch.Tensor:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from kernels.linear_cross_entropy import IGNORE_INDEX
 from trainer.checkpoint import load_newest_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, to_toml
 from trainer.data.loader import PackedLoader
@@ -34,11 +35,11 @@ from trainer.distributed import init_distributed
 from trainer.dtypes import DTYPES
 from trainer.errors import UserError
 from trainer.fileio import atomic_path, sha256_file
-from trainer.flops import device_peak_flops
+from trainer.flops import batch_flops_per_token, device_peak_flops
 from trainer.hf import HFCheckpoint, config_to_hf
 from trainer.model import Gemma2Config
 from trainer.optim import EWCAdamW, lr_at, set_lr
-from trainer.parallelize import build_mesh
+from trainer.parallelize import build_mesh, build_sharded_model
 
 
 class TrainingError(RuntimeError):
@@ -73,21 +74,13 @@ def model_config_of(config: TrainConfig):
 
 def build_model(config: TrainConfig, *, device: torch.device, mesh):
     """Meta-device Gemma2 -> FSDP2 -> each rank's shard filled (pretrained weights or seeded init)."""
-    from trainer.model import Gemma2
-    from trainer.parallelize import materialize, parallelize
-
-    model_config = model_config_of(config)
-    with torch.device("meta"):
-        model = Gemma2(model_config, attention_backend=config.model.attention)
     parallel = config.parallel
     if device.type == "cpu" and parallel.param_dtype == "bfloat16":
         # bfloat16 matmuls on CPU are slow and gain nothing; CPU runs compute in float32.
-        import dataclasses
-
         parallel = dataclasses.replace(parallel, param_dtype="float32")
-    parallelize(model, parallel, mesh=mesh)
-    materialize(model, device=device, pretrained=config.model.pretrained, seed=config.seed)
-    return model
+    return build_sharded_model(model_config_of(config), parallel, mesh=mesh, device=device,
+                               pretrained=config.model.pretrained, seed=config.seed,
+                               attention_backend=config.model.attention)
 
 
 def param_groups(model, weight_decay: float) -> tuple[list[dict], list[str]]:
@@ -251,9 +244,8 @@ def train_step(model, optimizer, micro_batches: list[dict], *, device: torch.dev
     reduce-scatter averages over ranks, so the gradient is that of the global mean token loss however the tokens
     are spread over ranks and micro-batches. A non-finite loss or gradient norm skips the update.
     """
-    from trainer.flops import batch_flops_per_token
-
-    scored = torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in micro_batches)), device=device)
+    scored = torch.tensor(float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)),
+                          device=device)
     dist.all_reduce(scored)
     scale = world_size / scored.clamp(min=1.0)
     loss_sum = torch.zeros((), device=device)

@@ -27,8 +27,7 @@ from trainer.ewc.file import NORMALIZE_MODES, normalize_fisher_, write_ewc
 from trainer.ewc.fisher import ESTIMATORS, estimate_fisher_with_stats, named_hf_parameters
 from trainer.fileio import check_output, files_sha256, sha256_file
 from trainer.hf import HFCheckpoint
-from trainer.model import Gemma2
-from trainer.parallelize import build_mesh, materialize, parallelize
+from trainer.parallelize import build_mesh, build_sharded_model
 from trainer.prompts import DEFAULT_MMLU_TEMPLATE, load_template
 from trainer.task_files import mmlu_files, read_mmlu
 
@@ -72,10 +71,8 @@ def load_sharded(path, *, device: torch.device, compute_dtype: str, attention_ba
     """A Hugging Face Gemma2 directory into an FSDP2 model over every rank (trainer.parallelize), each rank
     reading only its rows; float32 master weights, `compute_dtype` matmuls, float32 gradient reduction."""
     config = ParallelConfig(param_dtype=compute_dtype, reduce_dtype="float32", device=device.type)
-    with torch.device("meta"):
-        model = Gemma2(HFCheckpoint(path).config, attention_backend=attention_backend)
-    parallelize(model, config, mesh=build_mesh(config, device_type=device.type))
-    return materialize(model, device=device, pretrained=path)
+    return build_sharded_model(HFCheckpoint(path).config, config, mesh=build_mesh(config, device_type=device.type),
+                               device=device, pretrained=path, attention_backend=attention_backend)
 
 
 def run(args: argparse.Namespace) -> int:

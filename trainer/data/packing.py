@@ -32,7 +32,8 @@ from typing import Sequence
 
 import numpy as np
 
-IGNORE_INDEX = -100
+# The label that is not scored is the loss's to define (torch's cross_entropy default); re-exported for the data docs.
+from kernels.linear_cross_entropy import IGNORE_INDEX
 TOKEN_DTYPE = np.dtype("<u4")
 BATCH_KEYS = ("input_ids", "labels", "position_ids")
 

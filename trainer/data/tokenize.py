@@ -12,10 +12,11 @@ bounded (memory does not grow with the corpus), and the store appears atomically
 
 from __future__ import annotations
 
-import argparse
 import collections
 import concurrent.futures
 import dataclasses
+import hashlib
+import itertools
 import multiprocessing
 import os
 import sys
@@ -24,43 +25,62 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+import sentencepiece as spm
 
 from trainer.data.readers import DEFAULT_CHUNK_BYTES, Chunk, expand_inputs, iter_chunks, parse_chunk
-from trainer.data.store import DEFAULT_SHARD_TOKENS, StoreWriter, TokenStore, check_output_dir
+from trainer.data.store import DEFAULT_SHARD_TOKENS, StoreWriter, check_output_dir
 from trainer.errors import UserError
 from trainer.fileio import atomic_path
 
 
-@dataclasses.dataclass(frozen=True)
 class Tokenizer:
-    """A SentencePiece model and the ids the packer needs. `sha256` is the hash of the model file's bytes."""
+    """A SentencePiece model file (Gemma's tokenizer.model): encoding, decoding and the special ids, for token
+    stores, the Fisher's text rows and evaluation alike. `sha256` is the hash of the file's bytes.
 
-    path: str
-    sha256: str
-    vocab_size: int
-    bos_id: int
-    eos_id: int
-    pad_id: int
-    model_proto: bytes = dataclasses.field(repr=False)
+    BOS and EOS are the model's unless given; a model may define neither (-1): `load_tokenizer` insists on both
+    (the packer writes them), eval checks them against the model's config.json (`check_tokenizer`).
 
-    def processor(self):
-        import sentencepiece as spm
+    `pad_id` fills positions that hold no text and is never scored: under label -100 in packed rows (the token
+    store's manifest records it), a document of its own in packed scoring rows, left padding that the KV cache
+    masks out. Its value therefore changes no loss, score or generation; any id inside the vocabulary serves.
+    One rule for every use: the model's pad piece, else EOS, else 0.
+    """
 
-        return spm.SentencePieceProcessor(model_proto=self.model_proto)
+    def __init__(self, path: str | os.PathLike, *, bos_id: int | None = None, eos_id: int | None = None) -> None:
+        self.path = Path(path)
+        self.sp, self.model_proto = read_sentencepiece(self.path)
+        self.sha256 = hashlib.sha256(self.model_proto).hexdigest()
+        self.vocab_size = self.sp.get_piece_size()
+        self.bos_id = self.sp.bos_id() if bos_id is None else bos_id
+        self.eos_id = self.sp.eos_id() if eos_id is None else eos_id
+        pad = self.sp.pad_id()
+        self.pad_id = pad if pad >= 0 else max(self.eos_id, 0)
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
+                f"eos_id={self.eos_id}, pad_id={self.pad_id})")
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without BOS or EOS."""
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.sp.encode(list(texts))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode(list(ids))
 
     def manifest_entry(self) -> dict:
-        return {"file": Path(self.path).name, "sha256": self.sha256, "vocab_size": self.vocab_size,
+        return {"file": self.path.name, "sha256": self.sha256, "vocab_size": self.vocab_size,
                 "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
 
 
 def read_sentencepiece(path: str | os.PathLike):
     """(SentencePieceProcessor, the file's bytes) of a SentencePiece model file; UserError if missing or invalid.
 
-    The one loader of tokenizer files: `load_tokenizer` (token stores, the Fisher's text rows), the Fisher's MMLU
-    prompts and eval's Tokenizer all open the model here.
+    The one loader of tokenizer files: `Tokenizer` (token stores, the Fisher's text rows, eval) and the Fisher's
+    MMLU prompts open the model here.
     """
-    import sentencepiece as spm
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"tokenizer {path} not found: give the SentencePiece model file (Gemma's tokenizer.model), "
@@ -74,35 +94,24 @@ def read_sentencepiece(path: str | os.PathLike):
 
 def load_tokenizer(path: str | os.PathLike | Tokenizer, *, bos_id: int | None = None,
                    eos_id: int | None = None) -> Tokenizer:
-    """Load a SentencePiece model file. BOS/EOS come from the model unless overridden (needed when it has none).
-
-    The padding id (only ever under label -100) is the model's pad id, else its EOS id.
-    """
+    """A `Tokenizer` with BOS and EOS inside the vocabulary, as packing needs; they come from the model unless
+    overridden (needed when it has none). A Tokenizer is returned as it is."""
     if isinstance(path, Tokenizer):
         return path
-    import hashlib
-
-    path = Path(path)
-    sp, proto = read_sentencepiece(path)
-    vocab = sp.get_piece_size()
-    bos = sp.bos_id() if bos_id is None else bos_id
-    eos = sp.eos_id() if eos_id is None else eos_id
-    for name, value in (("BOS", bos), ("EOS", eos)):
+    tok = Tokenizer(path, bos_id=bos_id, eos_id=eos_id)
+    for name, value in (("BOS", tok.bos_id), ("EOS", tok.eos_id)):
         if value < 0:
-            raise UserError(f"{path}: the model defines no {name} token; give its id explicitly "
+            raise UserError(f"{tok.path}: the model defines no {name} token; give its id explicitly "
                             f"(--{name.lower()}-id N)")
-        if value >= vocab:
-            raise UserError(f"{path}: {name} id {value} is outside the vocabulary of {vocab}")
-    pad = sp.pad_id() if sp.pad_id() >= 0 else eos
-    return Tokenizer(str(path), hashlib.sha256(proto).hexdigest(), vocab, bos, eos, pad, proto)
+        if value >= tok.vocab_size:
+            raise UserError(f"{tok.path}: {name} id {value} is outside the vocabulary of {tok.vocab_size}")
+    return tok
 
 
 class _Encoder:
     """SentencePiece batch encoding into one uint32 array plus lengths, one thread (parallelism is by process)."""
 
     def __init__(self, model_proto: bytes):
-        import sentencepiece as spm
-
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         try:  # sentencepiece >= 0.2.1 returns int32 buffers directly: no Python int per token.
             self.sp.encode(["a"], out_type="numpy", num_threads=1)
@@ -117,8 +126,6 @@ class _Encoder:
             ids = self.sp.encode(texts, out_type="numpy", num_threads=1)
             lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
             return np.concatenate(ids).view(np.uint32), lengths
-        import itertools
-
         ids = self.sp.encode(texts, out_type=int, num_threads=1)
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum())), lengths

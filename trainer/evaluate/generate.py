@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
+from tqdm import tqdm
 
 from trainer.model import KVCache
 
@@ -26,14 +26,6 @@ class Generation:
     tokens: list[int]      # generated tokens, EOS excluded
     text: str              # decoded, cut before the first stop string
     prompt_truncated: bool
-
-
-def _next_tokens(model, hidden_last: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden_last, model.embed_tokens.weight).float()
-    cap = model.config.final_softcap
-    if cap is not None:
-        logits = cap * torch.tanh(logits / cap)
-    return logits.argmax(dim=-1)
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -59,8 +51,6 @@ def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_n
     results: list[Generation | None] = [None] * len(prompts)
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(prompts), desc="generating", unit="prompt", file=sys.stderr, leave=False)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
@@ -76,7 +66,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_n
         out: list[list[int]] = [[] for _ in rows]
         done = [False] * len(rows)
         for step in range(max_new_tokens):
-            nxt = _next_tokens(model, hidden)
+            nxt = model.lm_head(hidden, logits_dtype=torch.float32).argmax(dim=-1)
             for b, t in enumerate(nxt.tolist()):
                 if done[b]:
                     continue

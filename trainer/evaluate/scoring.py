@@ -18,41 +18,16 @@ prepended. A request longer than the context window loses tokens on the left, as
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
+from tqdm import tqdm
 
+from trainer.data.tokenize import Tokenizer
 from trainer.errors import UserError
-
-
-class Tokenizer:
-    """SentencePiece `tokenizer.model` (Gemma's): encode without special tokens, decode, BOS/EOS/pad ids, sha256."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        from trainer.data.tokenize import read_sentencepiece
-
-        self.path = Path(path)
-        self.sp, proto = read_sentencepiece(self.path)
-        self.sha256 = hashlib.sha256(proto).hexdigest()
-        self.vocab_size = self.sp.get_piece_size()
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        self.pad_id = max(self.sp.pad_id(), 0)
-
-    def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.sp.encode(list(texts))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.sp.decode(list(ids))
 
 
 def check_tokenizer(tokenizer: Tokenizer, config) -> None:
@@ -103,14 +78,10 @@ class ScoringOptions:
 
 def _head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, *, chunk: int):
     """log p(target) and argmax == target for hidden [N, H], targets [N], in float32, `chunk` rows at a time."""
-    weight = model.embed_tokens.weight
-    cap = model.config.final_softcap
     logprobs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     greedy = torch.empty(hidden.shape[0], dtype=torch.bool, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk):
-        logits = F.linear(hidden[start:start + chunk], weight).float()
-        if cap is not None:
-            logits = cap * torch.tanh(logits / cap)
+        logits = model.lm_head(hidden[start:start + chunk], logits_dtype=torch.float32)
         tgt = targets[start:start + chunk]
         logprobs[start:start + chunk] = (logits.gather(1, tgt[:, None])[:, 0] - torch.logsumexp(logits, dim=-1))
         greedy[start:start + chunk] = logits.argmax(dim=-1) == tgt
@@ -161,8 +132,6 @@ def score_spans(model, spans: Sequence[Span], num_owners: int, *, options: Scori
     batches = [rows[i:i + options.batch_rows] for i in range(0, len(rows), options.batch_rows)]
     bar = None
     if options.progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(spans), desc="scoring", unit="seq", file=sys.stderr, leave=False)
     for batch in batches:
         if options.fixed_shape:

@@ -11,6 +11,7 @@ scored, against the answer letter's token (prompts.answer_letter_tokens).
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,13 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from kernels.linear_cross_entropy import IGNORE_INDEX
+from trainer.data.packing import pack_documents
+from trainer.data.readers import expand_inputs, read_documents
+from trainer.data.tokenize import load_tokenizer, tokenize_texts
 from trainer.errors import UserError
 from trainer.prompts import DEFAULT_MMLU_TEMPLATE, answer_letter_tokens, format_mmlu_prompt
 from trainer.task_files import MCItem
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -114,12 +117,6 @@ def text_rows(path: str | os.PathLike, *, tokenizer: str | os.PathLike, seq_len:
     BOS and under padding. With `max_rows`, reading stops once the first `max_rows` rows are complete (they equal
     the first rows of the whole corpus). Returns (int64 input_ids, labels, position_ids [rows, seq_len], files).
     """
-    import itertools
-
-    from trainer.data.packing import pack_documents
-    from trainer.data.readers import expand_inputs, read_documents
-    from trainer.data.tokenize import load_tokenizer, tokenize_texts
-
     tok = load_tokenizer(tokenizer)
     files = expand_inputs([path])
     texts = (text for f in files for text in read_documents(f, text_field=text_field))

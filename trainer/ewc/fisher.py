@@ -36,12 +36,13 @@ from typing import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
-from kernels.linear_cross_entropy import default_chunk_rows, linear_cross_entropy
+from tqdm import tqdm
+
+from kernels.linear_cross_entropy import IGNORE_INDEX, default_chunk_rows
 from trainer.distributed import is_dtensor, like_param, local_tensor
 from trainer.errors import UserError
 from trainer.hf import to_hf_name
 
-IGNORE_INDEX = -100
 ESTIMATORS = ("empirical", "sampled")
 # Wrapper prefixes that torch.compile / activation-checkpoint wrappers insert into parameter names.
 _WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
@@ -77,7 +78,8 @@ class FisherStats:
 def _register_fsdp_methods(model) -> None:
     # The root FSDP module gathers its own parameters (embedding, final norm) only around hooked methods, and its
     # backward hooks hang on their outputs. The Fisher calls hidden_states instead of forward, so that only the
-    # scored positions reach the 256k-wide LM head (one per prompt for MMLU).
+    # scored positions reach the 256k-wide LM head (one per prompt for MMLU). Imported here: torch.distributed.fsdp
+    # takes ~0.6 s to import and only a sharded model needs it.
     from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
     if isinstance(model, FSDPModule) and not getattr(model, "_ewc_fsdp_methods", False):
@@ -103,7 +105,7 @@ def _sample_labels(model, hidden: torch.Tensor, generator: torch.Generator) -> t
     rows = default_chunk_rows(model.config.vocab_size)
     out = []
     for start in range(0, hidden.shape[0], rows):
-        logits = model.logits(hidden[start:start + rows])
+        logits = model.lm_head(hidden[start:start + rows])
         probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
         out.append(torch.multinomial(probs, 1, generator=generator).squeeze(1))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=hidden.device)
@@ -164,8 +166,6 @@ def estimate_fisher_with_stats(model, batches: Iterable[Mapping[str, torch.Tenso
     stats = FisherStats(world_size=world)
     bar = None
     if progress and rank == 0:
-        from tqdm import tqdm
-
         bar = tqdm(total=total_samples, unit="sample", desc="fisher", dynamic_ncols=True, smoothing=0.05)
     was_training = model.training
     model.train()
@@ -209,9 +209,8 @@ def estimate_fisher_with_stats(model, batches: Iterable[Mapping[str, torch.Tenso
                     targets = _sample_labels(model, hidden, generator)
                 # Summed CE in row chunks, the [N, V] logits never kept (kernels/linear_cross_entropy.py). Under
                 # FSDP2 the root group (the embedding = tied head) stays gathered from hidden_states' pre-forward
-                # until backward (FSDP2 never reshards the root after forward), so this is the full weight.
-                loss = linear_cross_entropy(hidden, model.embed_tokens.weight, targets,
-                                            softcap=model.config.final_softcap) * (world / n_scored)
+                # until backward (FSDP2 never reshards the root after forward), so the head sees the full weight.
+                loss = model.lm_head(hidden, labels=targets) * (world / n_scored)
             loss.backward()
             grads = []
             for p in params:
