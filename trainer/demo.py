@@ -18,6 +18,7 @@ less of A while still learning B.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ class DemoSettings:
     fisher_samples: int = 256
 
 
+MARKER = "demo.json"  # written first: marks the folder as a demo's output (`demo --overwrite` may replace it)
 QUICK = DemoSettings(documents=800, pretrain_steps=150, continue_steps=80, fisher_samples=64)
 
 
@@ -110,6 +112,8 @@ def demo(out: Path, settings: DemoSettings, *, lam: float, text_a: str | None = 
     """Run every stage into `out`; returns the summary rows (base, λ = 0, λ > 0)."""
     out.mkdir(parents=True, exist_ok=True)
     s = settings
+    (out / MARKER).write_text(json.dumps({"settings": dataclasses.asdict(s), "lambda": lam, "text_a": text_a,
+                                          "text_b": text_b}, indent=2) + "\n")
     texts = _texts(text_a, text_b, s, out)
     tokenizer = _train_tokenizer(texts, s, out)
     for key in ("a", "b"):

@@ -44,7 +44,8 @@ def _same(a: Path, b: Path) -> bool:
 
 
 def check_output(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (), overwrite: bool = False,
-                 directory: bool = False, owned_marker: str | None = None, flag: str = "--out") -> Path:
+                 directory: bool = False, owned_marker: str | None = None, owned_kind: str = "this command's output",
+                 flag: str = "--out") -> Path:
     """Refuse an output that would lose a user's files; returns `out` as a Path. Call it before any side effect.
 
     - an input is never written over: `out` may not be an input, nor a directory holding one (replacing it would
@@ -52,7 +53,8 @@ def check_output(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike |
     - an existing non-empty output (a file, or a directory with entries) is replaced only with `overwrite`;
     - a file output may not be a directory, and a directory output may not be a file;
     - `owned_marker`: with `overwrite`, an existing directory is replaced only if it holds this file (it looks like
-      this command's own output: a token store's manifest, a model's config.json), never an arbitrary folder.
+      this command's own output, `owned_kind`: a token store's manifest, a model's config.json), never an
+      arbitrary folder.
     """
     out = Path(out)
     for given in inputs:
@@ -77,7 +79,7 @@ def check_output(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike |
     if not overwrite:
         raise UserError(f"{flag} {out} already exists; pass --overwrite to replace it, or choose another {flag}")
     if directory and owned_marker is not None and not (out / owned_marker).exists():
-        raise UserError(f"{flag} {out} exists and does not look like this command's output (no {owned_marker}); "
+        raise UserError(f"{flag} {out} exists and is not {owned_kind} (no {owned_marker}); "
                         f"refusing to replace it even with --overwrite: choose another {flag}")
     return out
 

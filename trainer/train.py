@@ -34,7 +34,7 @@ from trainer.data.loader import PackedLoader
 from trainer.distributed import init_distributed
 from trainer.dtypes import DTYPES
 from trainer.errors import UserError
-from trainer.fileio import atomic_path, sha256_file
+from trainer.fileio import atomic_path, check_output, sha256_file
 from trainer.flops import batch_flops_per_token, device_peak_flops
 from trainer.hf import HFCheckpoint, config_to_hf
 from trainer.model import Gemma2Config
@@ -267,6 +267,18 @@ def train_step(model, optimizer, micro_batches: list[dict], *, device: torch.dev
     return StepResult(loss, task_norm, total_norm, finite, tokens, flops)
 
 
+RUN_DIR_ENTRIES = ("checkpoints", "metrics.jsonl", "tensorboard")
+
+
+def check_run_dir(config: TrainConfig, run_dir: Path, *, config_file: str | Path | None = None) -> None:
+    """A run directory is new, empty or an earlier run's (resumed); never an input, nor a folder of other files."""
+    inputs = [*config.data.stores, config.data.tokenizer, config.ewc.file, config.model.pretrained, config_file]
+    check_output(run_dir, inputs=[p for p in inputs if p], overwrite=True, directory=True)
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not any((run_dir / e).exists() for e in RUN_DIR_ENTRIES):
+        raise UserError(f"--out {run_dir} is a non-empty directory but not a run directory (no checkpoints or "
+                        f"metrics.jsonl); choose another --out")
+
+
 def train(config: TrainConfig, run_dir: str | Path, *, stop_after: int | None = None, save_final: bool = True,
           step_hook=None) -> TrainSummary:
     """Train (or resume) the run in `run_dir`. `stop_after`: at most this many steps in this invocation, then
@@ -279,8 +291,8 @@ def train(config: TrainConfig, run_dir: str | Path, *, stop_after: int | None = 
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(config.seed + env.rank)
     config_toml = to_toml(config)
+    check_run_dir(config, run_dir)
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         print(f"# resolved configuration ({env.world_size} rank(s), {device.type})\n{config_toml}", file=sys.stderr)
 
     mesh = build_mesh(config.parallel, device_type=device.type)
@@ -310,6 +322,8 @@ def train(config: TrainConfig, run_dir: str | Path, *, stop_after: int | None = 
         if env.is_main:
             print(f"# resumed from {latest} at step {start_step}", file=sys.stderr)
 
+    if env.is_main:  # only now: a mistake found while building leaves no empty run directory behind
+        run_dir.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(run_dir, resume_step=start_step, enabled=env.is_main, progress=config.logging.progress,
                      tensorboard=config.logging.tensorboard)
     peak_flops, _ = device_peak_flops(str(device), DTYPES[config.parallel.param_dtype]

@@ -7,12 +7,14 @@ trainer.demo; this command picks the settings and prints the summary table.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
-from pathlib import Path
 
-from trainer.demo import QUICK, DemoSettings, demo, format_summary
+from trainer.commands.options import add_overwrite
+from trainer.demo import MARKER, QUICK, DemoSettings, demo, format_summary
 from trainer.errors import UserError
+from trainer.fileio import check_output
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -21,6 +23,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-b", default=None, help="text B (what it learns next; default: another synthetic language)")
     p.add_argument("--lambda", dest="lam", type=float, default=None, help="EWC strength of the λ > 0 run")
     p.add_argument("--quick", action="store_true", help="a shorter run (about a third of the time)")
+    add_overwrite(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,8 +31,12 @@ def run(args: argparse.Namespace) -> int:
     lam = settings.ewc_lambda if args.lam is None else args.lam
     if lam <= 0:
         raise UserError(f"--lambda must be > 0 (the λ = 0 run is always made), got {lam}")
+    out = check_output(args.out, inputs=[args.text_a, args.text_b], overwrite=args.overwrite, directory=True,
+                       owned_marker=MARKER, owned_kind="a demo's output")
+    if out.is_dir() and any(out.iterdir()):  # --overwrite: start afresh, or the runs would resume the old ones
+        shutil.rmtree(out)
     start = time.perf_counter()
-    rows = demo(Path(args.out), settings, lam=lam, text_a=args.text_a, text_b=args.text_b)
+    rows = demo(out, settings, lam=lam, text_a=args.text_a, text_b=args.text_b)
     print("\n" + format_summary(rows))
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; outputs in {args.out} (report.md, "
           f"perplexity_vs_lambda.png, summary.json, runs/*/metrics.jsonl)", file=sys.stderr)

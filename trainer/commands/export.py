@@ -24,7 +24,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     step_dir = resolve_checkpoint(args.checkpoint)
     check_output(args.out, inputs=[args.checkpoint, step_dir, args.tokenizer or run_tokenizer(step_dir)],
-                 overwrite=args.overwrite, directory=True, owned_marker="config.json")
+                 overwrite=args.overwrite, directory=True, owned_marker="config.json",
+                 owned_kind="a model directory")
     out = export_checkpoint(step_dir, args.out, dtype=DTYPES[args.dtype], tokenizer=args.tokenizer)
     print(f"exported {step_dir} -> {out}")
     return 0

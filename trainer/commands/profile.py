@@ -27,7 +27,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output(args.out, inputs=[args.config], overwrite=args.overwrite, directory=True, owned_marker="trace.json")
+    check_output(args.out, inputs=[args.config], overwrite=args.overwrite, directory=True, owned_marker="trace.json",
+                 owned_kind="a profile")
     table = profile_training(args.config, overrides=args.overrides, out=args.out, steps=args.steps,
                              warmup=args.warmup, top=args.top)
     out = Path(args.out)

@@ -37,7 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output(args.out, inputs=[*args.inputs, args.tokenizer], overwrite=args.overwrite, directory=True,
-                 owned_marker=MANIFEST)
+                 owned_marker=MANIFEST, owned_kind="a token store")
     tok = load_tokenizer(args.tokenizer, bos_id=args.bos_id, eos_id=args.eos_id)
     report = tokenize_to_store(args.inputs, tokenizer=tok, out=args.out, workers=args.workers,
                                text_field=args.text_field, overwrite=args.overwrite, shard_tokens=args.shard_tokens,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from trainer.config import load_config
 from trainer.distributed import process_group_scope
-from trainer.train import train
+from trainer.train import check_run_dir, train
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -26,6 +26,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    check_run_dir(config, run_dir, config_file=args.config)
     with process_group_scope():
         summary = train(config, run_dir, stop_after=args.stop_after)
     if summary.losses:

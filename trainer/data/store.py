@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.errors import UserError
-from trainer.fileio import sha256_file
+from trainer.fileio import check_output, sha256_file
 
 FORMAT = "gemma-ewc/token-store"
 VERSION = 1
@@ -46,18 +46,7 @@ DEFAULT_SHARD_TOKENS = 1 << 28  # 1 GiB of tokens per shard
 
 def check_output_dir(out: str | os.PathLike, *, overwrite: bool) -> None:
     """Refuse to replace an existing directory unless `overwrite`, and never replace one that is not a token store."""
-    out = Path(out)
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UserError(f"{out} exists and is not a directory; choose another --out")
-    if not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it (atomically), or choose another --out")
-    if not (out / MANIFEST).is_file():
-        raise UserError(f"{out} exists and is not a token store (no {MANIFEST}); refusing to replace it even with "
-                        "--overwrite; choose another --out")
+    check_output(out, overwrite=overwrite, directory=True, owned_marker=MANIFEST, owned_kind="a token store")
 
 
 class StoreWriter:
