@@ -122,7 +122,8 @@ def test_fewshot_files_by_type_or_by_name(model_dir, tmp_path, capsys):
     shots.write_text("".join(rows[:2]))
     test.write_text("".join(rows[2:3]))
     out = tmp_path / "r.json"
-    base = ["eval", "--model", str(model_dir), "--max-length", "1024", "--max-new-tokens", "2", "--out", str(out)]
+    base = ["eval", "--model", str(model_dir), "--max-length", "1024", "--max-new-tokens", "2", "--out", str(out),
+            "--overwrite"]
     assert main(base + ["--tasks", str(test), "--fewshot-file", str(shots), "--num-fewshot", "1"]) == 0
     res = json.loads(out.read_text())["tasks"]["test"]
     assert res["type"] == "gsm8k" and res["num_fewshot"] == 1 and res["fewshot_sha256"] == sha256_file(shots)
