@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from kernels import ewc_adamw as K
+from kernels import ewc_adamw_cpp, ewc_adamw_triton
 from trainer.errors import UserError
 from trainer.optim import EWCAdamW, lr_at, set_lr, warmup_steps_of
 
@@ -238,9 +238,9 @@ def test_non_contiguous_parameter_rejected():
 
 def test_backend_resolution():
     opt = EWCAdamW([torch.nn.Parameter(torch.randn(3))], lr=1e-3)
-    assert opt.backend == ("cpp" if K.cpp_extension() is not None else "torch")
+    assert opt.backend == ("cpp" if ewc_adamw_cpp.extension() is not None else "torch")
     assert EWCAdamW([torch.nn.Parameter(torch.randn(3))], lr=1e-3, backend="torch").backend == "torch"
-    if not K.triton_interpreted() and not torch.cuda.is_available():
+    if not ewc_adamw_triton.interpreted() and not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             EWCAdamW([torch.nn.Parameter(torch.randn(3))], lr=1e-3, backend="triton").backend
 
