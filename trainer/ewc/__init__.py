@@ -1,9 +1,10 @@
 """EWC state: Fisher estimation (one process or FSDP2), the EWC file, validation, online-EWC merge, legacy import.
 
     from trainer.ewc import estimate_fisher, write_ewc, load_ewc
-    fisher = estimate_fisher(model, batches, estimator="empirical")   # {hf_name: float32 tensor}
-    state = load_ewc("ewc.safetensors", model)                          # validated; sharded model: local slices
-    fisher_list, anchor_list = state.aligned(model)                     # in model.parameters() order
+    fisher = estimate_fisher(model, batches, estimator="empirical")  # {hf_name: float32 tensor}
+    state = load_ewc("ewc.safetensors", model)  # validated {parameter: (fisher, anchor)}, sharded like the model
+    opt = EWCAdamW(model.parameters(), ewc_lambda=lam, ewc=state)   # trainer.optim; or opt.set_ewc_state(ewc=state)
+    load_ewc("ewc.safetensors").fisher                              # without a model: {hf_name: tensor}
 
 Modules: fisher (the estimator), file (format, load/validate, normalisation, merge), legacy (the reference study's
 pickle), batches (MMLU prompts and text rows as mini-batches), cli (the `fisher` and `ewc` commands).
