@@ -267,8 +267,8 @@ def step(group: TensorGroup, grads: list[Tensor], scalars: StepScalars) -> tuple
     partials = torch.empty((tables.num_blocks if group.has_ewc else 1, 2), dtype=torch.float32, device=device)
     grad_scale = scalars.scale_tensor(device, torch.float32)
     lerp_weight = 1 - scalars.beta1
-    args = (grad_scale if grad_scale is not None else partials,
-            scalars.ewc_lambda, lerp_weight, scalars.beta2, 1 - scalars.beta2, math.sqrt(scalars.bias_correction2), scalars.eps,
+    args = (grad_scale if grad_scale is not None else partials, scalars.ewc_lambda, lerp_weight, scalars.beta2,
+            1 - scalars.beta2, math.sqrt(scalars.bias_correction2), scalars.eps,
             1 - scalars.lr * scalars.weight_decay, -(scalars.lr / scalars.bias_correction1))
     _launch_both(ewc_adamw_kernel, tables, group.block, grads, partials, args, **_ewc_constexprs(group),
                  HAS_SCALE=grad_scale is not None, CLIP_TOTAL=scalars.clip_total, LERP_SMALL=abs(lerp_weight) < 0.5)

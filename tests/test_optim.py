@@ -229,6 +229,32 @@ def test_set_ewc_state_rejects_bad_tensors():
     assert opt.ewc_lambda == 1.0 and not opt._ewc
 
 
+def test_ewc_mapping_is_the_same_state_as_positional_lists(seed):
+    """ewc={parameter: (fisher, anchor)} (what load_ewc(path, model) returns) steps exactly like the lists, in any
+    key order; a parameter left out has no EWC, and a key that is not a parameter of the optimizer is refused."""
+    model = make_model(torch.float32)
+    fisher, anchor = make_ewc(model)
+    x, y = make_data(torch.float32)
+    twin = copy.deepcopy(model)
+    by_list = EWCAdamW(model.parameters(), lr=1e-2, ewc_lambda=0.5, fisher=fisher, anchor=anchor)
+    mapping = dict(reversed(list(zip(twin.parameters(), zip(fisher, anchor)))))
+    by_map = EWCAdamW(twin.parameters(), lr=1e-2, ewc_lambda=0.5, ewc=mapping)
+    for _ in range(3):
+        for m, opt in ((model, by_list), (twin, by_map)):
+            opt.zero_grad()
+            task_loss(m, x, y).backward()
+            opt.step()
+        assert by_list.last_penalty.item() == by_map.last_penalty.item()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    first = next(twin.parameters())
+    by_map.set_ewc_state(ewc={first: mapping[first]})
+    assert list(by_map._ewc) == [first]
+    with pytest.raises(UserError, match="not a parameter of this optimizer"):
+        by_map.set_ewc_state(ewc={torch.zeros(3): (torch.zeros(3), torch.zeros(3))})
+    with pytest.raises(UserError, match="not both"):
+        by_map.set_ewc_state(fisher, anchor, ewc=mapping)
+
+
 def test_non_contiguous_parameter_rejected():
     p = torch.nn.Parameter(torch.randn(4, 6).t())
     p.grad = torch.randn(6, 4)

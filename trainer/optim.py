@@ -405,8 +405,8 @@ class EWCAdamW(torch.optim.Optimizer):
                 grads = [local_tensor(g) for g in grads]
             if not all(g.is_contiguous() for g in grads):
                 j = next(j for j, g in enumerate(grads) if not g.is_contiguous())
-                raise UserError(f"the gradient of parameter {j} of param group {gi} ({_tensor_summary(with_grads[j])}) is "
-                                f"not contiguous; the fused step reads raw memory")
+                raise UserError(f"the gradient of parameter {j} of param group {gi} "
+                                f"({_tensor_summary(with_grads[j])}) is not contiguous; the fused step reads raw memory")
             yield group, plan, grads
 
     # --- clipping --------------------------------------------------------------------------------------------
