@@ -17,8 +17,8 @@ lists `fisher[i]`, `anchor[i]` (the i-th parameter in param-group order) are tur
 It is validated once, on entry (placement, shape, dtype, device, contiguity), and becomes the kernel's
 TensorGroups (kernels/ewc_adamw.py), which cache their pointer tables. Sharded parameters (FSDP2 DTensors) are
 updated through their local shards; F and anchor are DTensors of the same placement, or plain tensors of the
-local shard's shape. The optimizer state (step, exp_avg, exp_avg_sq) is stored
-like torch.optim.AdamW's (exp_avg a DTensor for a DTensor parameter), so state_dict/load_state_dict and
+local shard's shape. The optimizer state (step, exp_avg, exp_avg_sq) is stored like torch.optim.AdamW's (exp_avg
+a DTensor for a DTensor parameter), so state_dict/load_state_dict and
 torch.distributed.checkpoint.state_dict.get_optimizer_state_dict work unchanged. F and anchor are not optimizer
 state: they come from the EWC file on every run and are never saved in state_dict.
 """
