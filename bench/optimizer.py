@@ -34,9 +34,11 @@ from pathlib import Path
 import torch
 
 from bench.common import REPO_ROOT, copy_bandwidth, device_name, format_table, synchronize, write_results
+from kernels.ewc_adamw import BACKENDS
 from trainer.dtypes import DTYPES, dtype_name
 from trainer.errors import UserError
 from trainer.fileio import atomic_path
+from trainer.optim import EWCAdamW
 
 LAYERS = 26  # Gemma2-2B's depth: 26 * 11 + 2 = 288 tensors
 VARIANTS = {
@@ -97,8 +99,6 @@ class ParamSet:
 
 def make_variants(ps: ParamSet, names, *, backend: str = "auto"):
     """name -> a zero-argument callable doing one optimizer step of that variant."""
-    from trainer.optim import EWCAdamW
-
     params, grads = ps.params, [p.grad for p in ps.params]
     fns = {}
     if "a" in names:
@@ -196,7 +196,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="total parameter elements of each set, comma-separated (default 1M,8M,64M)")
     parser.add_argument("--ewc-dtypes", default="float32,bfloat16", help="F/anchor dtypes (default both)")
     parser.add_argument("--variants", default="a,b,c,d,d0", help=f"subset of {','.join(VARIANTS)} (default all)")
-    parser.add_argument("--backend", default="auto", choices=["auto", "triton", "cpp", "torch"],
+    parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
                         help="EWCAdamW backend for (d) (default auto)")
     parser.add_argument("--repeat", type=int, default=7, help="timed rounds (default 7)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per variant (default 2)")
@@ -255,8 +255,6 @@ def run(args: argparse.Namespace) -> int:
     columns = ["elements", "ewc_dtype", "variant", "ms", "x_vs_a", "GB/s", "of_copy_bw", "speedup_vs_b",
                "speedup_vs_c"] + (["wall_ms"] if device.type == "cuda" else ["x_vs_a_min"])
     print(format_table(rows, columns))
-    from trainer.optim import EWCAdamW
-
     backend = EWCAdamW([torch.nn.Parameter(torch.zeros(1, device=device))], backend=args.backend).backend
     checks = summarize_targets(rows, device, backend)
     for line in checks["lines"]:

@@ -67,7 +67,7 @@ def _our_model(config: Gemma2Config, *, device, dtype, attention: str):
 
 
 def _our_step(model, batch: dict, *, device, ewc: bool, lam: float):
-    groups, _ = param_groups(model, 0.01)
+    groups = param_groups(model, 0.01)
     optimizer = EWCAdamW(groups, lr=1e-5)
     if ewc:
         params = [p for g in groups for p in g["params"]]

@@ -1,4 +1,4 @@
-"""C++ CPU kernels, compiled on first use with torch.utils.cpp_extension (see trainer/optim.py)."""
+"""C++ CPU kernel sources, compiled on first use with torch.utils.cpp_extension by kernels/ewc_adamw_cpp.py."""
 
 from pathlib import Path
 

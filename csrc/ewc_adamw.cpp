@@ -21,12 +21,13 @@
 // penalty is bitwise identical for any thread count.
 //
 // Element types: p/g/m/v float32 with F and anchor each float32 or bfloat16; or everything float64 (tests).
-// Built with -ffp-contract=off: g' must be rounded exactly as the reference rounds it (see _FP_FUSION in
-// kernels/ewc_adamw.py: where g * s and e nearly cancel, AdamW's normalisation turns an ulp of g' into a visible
-// step difference), so no product may be fused into an add.
+// Built with -ffp-contract=off: g' must be rounded exactly as the reference rounds it (see FP_FUSION in
+// kernels/ewc_adamw_triton.py: where g * s and e nearly cancel, AdamW's normalisation turns an ulp of g' into a
+// visible step difference), so no product may be fused into an add.
 //
-// The caller (kernels/ewc_adamw.py) checks devices, dtypes, shapes and contiguity, and passes data pointers: the
-// module includes no torch header (pybind11 only), which keeps the first-use build to seconds.
+// kernels/ewc_adamw.py checks devices, dtypes, shapes and contiguity; kernels/ewc_adamw_cpp.py builds this file and
+// passes data pointers: the module includes no torch header (pybind11 only), which keeps the first-use build to
+// seconds.
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>

@@ -17,7 +17,7 @@ def test_defaults_toml_and_overrides(tmp_path):
     config = load_config(path, ["optim.max_steps=7", "model.attention=eager", "ewc.clip=total",
                                 "data.stores=['a', 'b']", "data.weights=[0.95, 0.05]"])
     assert config.optim.lr == 1e-3 and config.optim.betas == [0.9, 0.95] and config.optim.max_steps == 7
-    assert config.ewc.lam == 10.0 and isinstance(config.ewc.lam, float) and config.ewc.clip == "total"
+    assert config.ewc.ewc_lambda == 10.0 and isinstance(config.ewc.ewc_lambda, float) and config.ewc.clip == "total"
     assert config.model.attention == "eager" and config.data.stores == ["a", "b"]
     assert config.data.batch_size == TrainConfig().data.batch_size
 
@@ -56,7 +56,7 @@ def test_shipped_configs_load(name):
     from tests.conftest import REPO_ROOT
 
     config = load_config(REPO_ROOT / "configs" / f"{name}.toml")
-    assert config.ewc.file and config.ewc.lam > 0 and config.data.stores
+    assert config.ewc.file and config.ewc.ewc_lambda > 0 and config.data.stores
     if name != "tiny":
         assert (config.optim.lr, config.optim.schedule, config.optim.warmup, config.optim.weight_decay) == \
             (2e-4, "cosine", 0.05, 0.01)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kernels import ewc_adamw as K
+from kernels import ewc_adamw_cpp, ewc_adamw_triton
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -240,7 +241,7 @@ def test_bad_inputs_rejected():
     with pytest.raises(ValueError, match="clip_mode"):
         K.ewc_adamw_([p], [g], [m], [v], lr=1e-3, step=1, clip_mode="global")
     with pytest.raises(ValueError, match="triton"):
-        if not K.triton_interpreted():
+        if not ewc_adamw_triton.interpreted():
             K.ewc_adamw_([p], [g], [m], [v], lr=1e-3, step=1, backend="triton")
         else:
             raise ValueError("triton runs here (interpreter): nothing to reject")
@@ -261,8 +262,8 @@ def test_missing_compiler_falls_back_to_torch_with_one_warning(seed, monkeypatch
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Error building extension: c++: command not found")
 
-    monkeypatch.setattr(K, "_CPP_MODULE", None)
-    monkeypatch.setattr(K, "_CPP_FAILED", None)
+    monkeypatch.setattr(ewc_adamw_cpp, "_module", None)
+    monkeypatch.setattr(ewc_adamw_cpp, "_build_failure", None)
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     params, grads, fishers, anchors = make_case(SIZES, steps=2)
     with warnings.catch_warnings(record=True) as caught:
@@ -292,11 +293,11 @@ def test_cpp_result_does_not_depend_on_thread_count(seed):
         assert p1.item() == p2.item() and s1.item() == s2.item()
 
 
-@pytest.mark.skipif(K.triton is None, reason="triton is not installed")
+@pytest.mark.skipif(ewc_adamw_triton.triton is None, reason="triton is not installed")
 def test_triton_kernel_in_cpu_interpreter():
     """Runs test_ewc_adamw_triton.py with TRITON_INTERPRET=1: the interpreter must be chosen before triton is
     first imported, so it needs its own process."""
-    if K.triton_interpreted():
+    if ewc_adamw_triton.interpreted():
         pytest.skip("this process already runs the Triton tests in the interpreter")
     env = dict(os.environ, TRITON_INTERPRET="1")
     result = subprocess.run(
@@ -318,16 +319,16 @@ def _compile_for_hopper(kernel, constexprs: dict) -> dict:
     ints = {"num_tensors", "num_blocks"}
     signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i64" if name in ints else "fp32")
                  for name in kernel.arg_names}
-    compiled = K.triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
+    compiled = ewc_adamw_triton.triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
                                 target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": 8, "enable_fp_fusion": K._FP_FUSION})
+                                options={"num_warps": 8, "enable_fp_fusion": ewc_adamw_triton.FP_FUSION})
     return compiled.asm
 
 
 def _needs_triton_compiler():
-    if K.triton is None:
+    if ewc_adamw_triton.triton is None:
         pytest.skip("triton is not installed")
-    if K.triton_interpreted():
+    if ewc_adamw_triton.interpreted():
         pytest.skip("kernels are interpreted in this process")
     pytest.importorskip("triton.backends.nvidia")
 
@@ -338,15 +339,15 @@ def test_triton_kernels_compile_for_hopper_with_128_bit_accesses():
     _needs_triton_compiler()
     full = dict(HAS_EWC=True, F_BF16=True, A_BF16=False, HAS_SCALE=True, CLIP_TOTAL=True, LERP_SMALL=True,
                 MASKED=False, ALIGNED=True, BLOCK=K.DEFAULT_BLOCK)
-    ptx = _compile_for_hopper(K._ewc_adamw_kernel, full)["ptx"]
+    ptx = _compile_for_hopper(ewc_adamw_triton.ewc_adamw_kernel, full)["ptx"]
     # 8 elements per thread in two runs of 4: 2 x v4 for each of p, g, m, v, anchor; 2 x v2 for the bfloat16 F
     assert ptx.count("ld.global.v4.b32") == 10, ptx.count("ld.global.v4.b32")
     assert ptx.count("ld.global.v2.b32") == 2, ptx.count("ld.global.v2.b32")
     assert ptx.count("st.global.v4.b32") == 6  # p, m, v
     assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx
-    ptx = _compile_for_hopper(K._ewc_adamw_kernel, full | dict(MASKED=True, HAS_EWC=False, HAS_SCALE=False))["ptx"]
+    ptx = _compile_for_hopper(ewc_adamw_triton.ewc_adamw_kernel, full | dict(MASKED=True, HAS_EWC=False, HAS_SCALE=False))["ptx"]
     assert "ld.global" in ptx
-    ptx = _compile_for_hopper(K._ewc_grad_norms_kernel, dict(HAS_EWC=True, F_BF16=False, A_BF16=True,
+    ptx = _compile_for_hopper(ewc_adamw_triton.ewc_grad_norms_kernel, dict(HAS_EWC=True, F_BF16=False, A_BF16=True,
                                                             MASKED=False, ALIGNED=True, BLOCK=K.DEFAULT_BLOCK))["ptx"]
     assert ptx.count("ld.global.v4.b32") == 7  # 2 x p, g, F (float32), 1 x anchor (bfloat16)
 
@@ -362,10 +363,10 @@ def test_triton_step_keeps_one_layout_for_every_dtype(f_bf16, a_bf16, masked):
     _needs_triton_compiler()
     consts = dict(HAS_EWC=True, F_BF16=f_bf16, A_BF16=a_bf16, HAS_SCALE=True, CLIP_TOTAL=False, LERP_SMALL=True,
                   MASKED=masked, ALIGNED=True, BLOCK=K.DEFAULT_BLOCK)
-    code = _compile_for_hopper(K._ewc_adamw_kernel, consts)
-    float32 = _compile_for_hopper(K._ewc_adamw_kernel, consts | dict(F_BF16=False, A_BF16=False, MASKED=False))
+    code = _compile_for_hopper(ewc_adamw_triton.ewc_adamw_kernel, consts)
+    float32 = _compile_for_hopper(ewc_adamw_triton.ewc_adamw_kernel, consts | dict(F_BF16=False, A_BF16=False, MASKED=False))
     assert "convert_layout" not in code["ttgir"]
     assert code["ptx"].count("bar.sync") == float32["ptx"].count("bar.sync")
-    norms = _compile_for_hopper(K._ewc_grad_norms_kernel, dict(HAS_EWC=True, F_BF16=f_bf16, A_BF16=a_bf16,
+    norms = _compile_for_hopper(ewc_adamw_triton.ewc_grad_norms_kernel, dict(HAS_EWC=True, F_BF16=f_bf16, A_BF16=a_bf16,
                                                               MASKED=masked, ALIGNED=True, BLOCK=K.DEFAULT_BLOCK))
     assert "convert_layout" not in norms["ttgir"]

@@ -1,4 +1,4 @@
-"""The Triton kernels of kernels/ewc_adamw.py against ewc_adamw_ref.
+"""The Triton kernels of kernels/ewc_adamw_triton.py against ewc_adamw_ref.
 
 On CUDA they run compiled (GPU tests below are marked `gpu`). Without CUDA they run in Triton's CPU interpreter,
 which has to be chosen before triton is first imported: test_ewc_adamw.py runs this file in a subprocess with
@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from kernels import ewc_adamw as K
+from kernels import ewc_adamw_triton
 from tests.test_ewc_adamw import (BIG, EWC_DTYPE_PAIRS, SIZES, check_backend_matches_reference,
                                   check_norms_match_reference, make_case, run_steps)
 
-INTERPRETED = K.triton_interpreted()
+INTERPRETED = ewc_adamw_triton.interpreted()
 pytestmark = pytest.mark.skipif(
-    K.triton is None or not (INTERPRETED or torch.cuda.is_available()),
+    ewc_adamw_triton.triton is None or not (INTERPRETED or torch.cuda.is_available()),
     reason="needs CUDA, or TRITON_INTERPRET=1 from process start (test_ewc_adamw.py runs this file so)")
 # Every test takes `device`: "cuda" marked gpu (selected by -m gpu on a GPU machine), or the interpreter's "cpu".
 DEVICES = [pytest.param("cpu", id="interpreter")] if INTERPRETED else [pytest.param("cuda", marks=pytest.mark.gpu,
@@ -70,7 +71,7 @@ def test_triton_new_step_lr_and_betas_do_not_recompile(seed):
     v = [torch.zeros_like(p) for p in params]
 
     def compiled_variants():
-        return sum(len(c) for c in K._ewc_adamw_kernel.device_caches[torch.cuda.current_device()][:1])
+        return sum(len(c) for c in ewc_adamw_triton.ewc_adamw_kernel.device_caches[torch.cuda.current_device()][:1])
 
     K.ewc_adamw_(params, grads[0], m, v, fishers=fishers, anchors=anchors, ewc_lambda=0.5, lr=1e-3, step=1,
                  grad_scale=torch.tensor(0.5, device="cuda"), backend="triton")

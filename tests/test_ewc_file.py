@@ -18,7 +18,7 @@ from trainer.errors import UserError
 from trainer.ewc import (FORMAT, anchor_sha256, import_legacy, load_ewc, merge_ewc, normalize_fisher_, read_header,
                          write_ewc)
 from trainer.ewc.file import fisher_divisor
-from trainer.hf import to_hf_name
+from trainer.hf import named_hf_parameters, to_hf_name
 
 
 def tiny(seed=0, **overrides):
@@ -58,11 +58,11 @@ def test_round_trip_metadata_and_plain_safetensors_compatibility(tmp_path):
         warnings.simplefilter("error")  # anchor equals the weights: no warning
         state = load_ewc(tmp_path / "e.safetensors", model, strict=True)
     assert state.max_anchor_diff == 0.0
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(state.fisher[to_hf_name(n)], fisher[to_hf_name(n)], rtol=0, atol=0)
-        assert torch.equal(state.anchor[to_hf_name(n)].float(), p.detach())
-    f_list, a_list = state.aligned(model)
-    assert [t.shape for t in f_list] == [p.shape for p in model.parameters()] == [t.shape for t in a_list]
+    assert len(state) == len(list(model.parameters())) and all(p in state for p in model.parameters())
+    for n, p in named_hf_parameters(model):  # keyed by the model's own parameters
+        f, a = state[p]
+        torch.testing.assert_close(f, fisher[n], rtol=0, atol=0)
+        assert torch.equal(a.float(), p.detach())
     alone = load_ewc(tmp_path / "e.safetensors", fisher_dtype=torch.bfloat16)
     assert alone.fisher["model.norm.weight"].dtype == torch.bfloat16 and alone.metadata == on_disk
 
@@ -168,8 +168,9 @@ def test_merge_is_online_ewc(tmp_path):
               anchor_dtype=torch.float32)
     meta = merge_ewc(tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "c.safetensors", gamma=0.9)
     state = load_ewc(tmp_path / "c.safetensors", new, strict=True)  # anchor from B
+    params = dict(named_hf_parameters(new))
     for n in fa:
-        torch.testing.assert_close(state.fisher[n], 0.9 * fa[n] + fb[n], rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(state[params[n]][0], 0.9 * fa[n] + fb[n], rtol=1e-6, atol=1e-12)
     assert meta["samples"] == "42" and json.loads(meta["merge"])["gamma"] == 0.9
     assert read_header(tmp_path / "c.safetensors").metadata["anchor_sha256"] == meta["anchor_sha256"]
     merge_ewc(tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "d.safetensors", gamma=0.5,
@@ -221,9 +222,10 @@ def test_import_legacy_pickle(tmp_path, flavour, prefix):
     assert report["capped_infinities"] == expected_capped and report["parameters"] == len(fisher)
     assert report["capped_by_parameter"][0]["count"] == max(i + 1 for i in range(0, len(fisher), 3))
     state = load_ewc(tmp_path / "ewc.safetensors", model.float(), strict=True)  # anchor kept exactly (float32)
+    params = dict(named_hf_parameters(model))
     for name, f in fisher.items():
         hf = name if name.startswith("model.") else "model." + name
-        assert torch.equal(state.fisher[hf], f.float())  # capped entries kept as they were
+        assert torch.equal(state[params[hf]][0], f.float())  # capped entries kept as they were
     meta = state.metadata
     assert meta["capped_infinities"] == str(expected_capped) and meta["source"] == "import-legacy"
 

@@ -16,7 +16,7 @@ from trainer.distributed import local_index
 from trainer.errors import UserError
 from trainer.ewc import estimate_fisher, fisher_divisor, load_ewc, write_ewc
 from trainer.ewc.batches import row_batches
-from trainer.hf import to_hf_name
+from trainer.hf import named_hf_parameters, to_hf_name
 
 # Odd sizes: the embedding (515 rows) and the MLP (99) split unevenly over 2 ranks.
 CONFIG = dict(num_layers=2, vocab_size=515, hidden_size=40, intermediate_size=99)
@@ -60,8 +60,9 @@ def sharded_fisher(rank, world, out_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         state = load_ewc(path, model, strict=True)
-    reloaded = all(torch.equal(state.fisher[n].to_local(), local[n][0]) and state.fisher[n].placements
-                   == fisher[n].placements and state.fisher[n].shape == fisher[n].shape for n in names)
+    loaded = {n: state[p][0] for n, p in named_hf_parameters(model)}  # keyed by the model's parameters
+    reloaded = all(torch.equal(loaded[n].to_local(), local[n][0]) and loaded[n].placements
+                   == fisher[n].placements and loaded[n].shape == fisher[n].shape for n in names)
     with torch.no_grad():  # rank 1 changes one weight of its own shard: both ranks must refuse in strict mode
         if rank == 1:
             model.layers[1].mlp.gate_proj.weight.to_local()[0, 0] += 0.25
@@ -99,8 +100,9 @@ def test_two_rank_fsdp2_fisher_equals_single_process(tmp_path):
     assert uneven == [258, 257]
     assert results[0]["divisor"] == pytest.approx(fisher_divisor(single, "mean"), rel=1e-10)
     on_disk = load_ewc(tmp_path / "sharded.safetensors", model, strict=True)  # gathered file == single process
+    params = dict(named_hf_parameters(model))
     for n, full in single.items():
-        assert rel_err(on_disk.fisher[n], full) < tolerance(n), n
+        assert rel_err(on_disk[params[n]][0], full) < tolerance(n), n
     assert all(r["reloaded"] for r in results)
     assert [r["chunks"] for r in results] == [[(0, 1), (0, 3)], [(1, 1), (3, 5)]]
     for r in results:  # both ranks saw rank 1's change (max over ranks) and refused

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from kernels import ewc_adamw as K
+from kernels import ewc_adamw_cpp, ewc_adamw_triton
 from trainer.errors import UserError
 from trainer.optim import EWCAdamW, lr_at, set_lr, warmup_steps_of
 
@@ -229,6 +229,32 @@ def test_set_ewc_state_rejects_bad_tensors():
     assert opt.ewc_lambda == 1.0 and not opt._ewc
 
 
+def test_ewc_mapping_is_the_same_state_as_positional_lists(seed):
+    """ewc={parameter: (fisher, anchor)} (what load_ewc(path, model) returns) steps exactly like the lists, in any
+    key order; a parameter left out has no EWC, and a key that is not a parameter of the optimizer is refused."""
+    model = make_model(torch.float32)
+    fisher, anchor = make_ewc(model)
+    x, y = make_data(torch.float32)
+    twin = copy.deepcopy(model)
+    by_list = EWCAdamW(model.parameters(), lr=1e-2, ewc_lambda=0.5, fisher=fisher, anchor=anchor)
+    mapping = dict(reversed(list(zip(twin.parameters(), zip(fisher, anchor)))))
+    by_map = EWCAdamW(twin.parameters(), lr=1e-2, ewc_lambda=0.5, ewc=mapping)
+    for _ in range(3):
+        for m, opt in ((model, by_list), (twin, by_map)):
+            opt.zero_grad()
+            task_loss(m, x, y).backward()
+            opt.step()
+        assert by_list.last_penalty.item() == by_map.last_penalty.item()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    first = next(twin.parameters())
+    by_map.set_ewc_state(ewc={first: mapping[first]})
+    assert list(by_map._ewc) == [first]
+    with pytest.raises(UserError, match="not a parameter of this optimizer"):
+        by_map.set_ewc_state(ewc={torch.zeros(3): (torch.zeros(3), torch.zeros(3))})
+    with pytest.raises(UserError, match="not both"):
+        by_map.set_ewc_state(fisher, anchor, ewc=mapping)
+
+
 def test_non_contiguous_parameter_rejected():
     p = torch.nn.Parameter(torch.randn(4, 6).t())
     p.grad = torch.randn(6, 4)
@@ -238,9 +264,9 @@ def test_non_contiguous_parameter_rejected():
 
 def test_backend_resolution():
     opt = EWCAdamW([torch.nn.Parameter(torch.randn(3))], lr=1e-3)
-    assert opt.backend == ("cpp" if K.cpp_extension() is not None else "torch")
+    assert opt.backend == ("cpp" if ewc_adamw_cpp.extension() is not None else "torch")
     assert EWCAdamW([torch.nn.Parameter(torch.randn(3))], lr=1e-3, backend="torch").backend == "torch"
-    if not K.triton_interpreted() and not torch.cuda.is_available():
+    if not ewc_adamw_triton.interpreted() and not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             EWCAdamW([torch.nn.Parameter(torch.randn(3))], lr=1e-3, backend="triton").backend
 

@@ -43,7 +43,7 @@ def _sharded_vs_single(rank, world_size, seed, dtype, ewc_dtype):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    from kernels import ewc_adamw as K
+    from kernels import ewc_adamw_cpp
     from trainer.optim import EWCAdamW
 
     torch.manual_seed(seed)  # identical model, EWC state and data on both ranks
@@ -90,7 +90,7 @@ def _sharded_vs_single(rank, world_size, seed, dtype, ewc_dtype):
         "ewc_norm": (opt.last_ewc_grad_norm.item(), single_opt.last_ewc_grad_norm.item()),
         "norms": [(a.item(), b.item(), c.item(), d.item()) for (a, b), (c, d) in zip(norms, single_norms)],
         "backend": opt.backend,
-        "cpp_built": K.cpp_extension() is not None,
+        "cpp_built": ewc_adamw_cpp.extension() is not None,
         "local_shapes": local_shapes,
         "step": opt.state[next(iter(sharded.parameters()))]["step"].item(),
     }

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kernels.ewc_adamw import BACKENDS as OPTIMIZER_BACKENDS
+from trainer.attention import BACKENDS as ATTENTION_BACKENDS
 from trainer.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -33,7 +35,7 @@ class ModelConfig:
     preset: str = _f("tiny", "model shape preset (gemma2-2b, gemma2-9b, gemma2-27b, tiny, small)")
     pretrained: str | None = _f(None, "Hugging Face Gemma2 directory to start from (overrides the preset's shape)")
     vocab_size: int | None = _f(None, "override the preset's vocabulary size (random-init runs with a small tokenizer)")
-    attention: str = _f("auto", "attention backend", choices=("auto", "eager", "flex", "flash"))
+    attention: str = _f("auto", "attention backend", choices=("auto", *ATTENTION_BACKENDS))
 
 
 @dataclass
@@ -60,13 +62,13 @@ class OptimConfig:
     min_lr_ratio: float = _f(0.0, "final learning rate as a fraction of lr")
     max_steps: int = _f(100, "optimizer steps to train")
     clip: float = _f(1.0, "gradient-norm clipping threshold (0 = off)")
-    backend: str = _f("auto", "fused step backend", choices=("auto", "triton", "cpp", "torch"))
+    backend: str = _f("auto", "fused step backend", choices=("auto", *OPTIMIZER_BACKENDS))
 
 
 @dataclass
 class EWCConfig:
     file: str | None = _f(None, "EWC file (gemma-ewc fisher output); none = plain AdamW")
-    lam: float = _f(0.0, "EWC strength λ", key="lambda")
+    ewc_lambda: float = _f(0.0, "EWC strength λ", key="lambda")
     clip: str = _f("task", "what clipping sees: the data gradient only, or data + EWC gradient",
                    choices=("task", "total"))
     fisher_normalize: str = _f("none", "divide the Fisher by its mean or max when loading",
@@ -221,9 +223,9 @@ def validate(config: TrainConfig) -> None:
         raise UserError(f"data.weights must be non-negative with a positive sum, got {d.weights}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise UserError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
-    if config.ewc.lam < 0:
-        raise UserError(f"ewc.lambda must be >= 0, got {config.ewc.lam}")
-    if config.ewc.lam > 0 and not config.ewc.file:
+    if config.ewc.ewc_lambda < 0:
+        raise UserError(f"ewc.lambda must be >= 0, got {config.ewc.ewc_lambda}")
+    if config.ewc.ewc_lambda > 0 and not config.ewc.file:
         raise UserError("ewc.lambda > 0 needs ewc.file (an EWC file made by `gemma-ewc fisher`)")
 
 

@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from trainer.dtypes import DTYPES, dtype_name
 from trainer.errors import UserError
 from trainer.fileio import atomic_path
+from trainer.model import Gemma2, Gemma2Config
 
 HF_PREFIX = "model."
 TIED_HEAD = "lm_head.weight"
@@ -39,10 +42,24 @@ def from_hf_name(hf_name: str) -> str:
     return hf_name[len(HF_PREFIX):]
 
 
+# Wrapper prefixes that torch.compile / activation-checkpoint wrappers insert into parameter names.
+_WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+def hf_param_name(name: str) -> str:
+    """Our parameter name (maybe wrapped) -> Hugging Face name (`model.layers.0...`)."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return to_hf_name(name)
+
+
+def named_hf_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """(Hugging Face name, parameter) for every parameter of `model` (plain, compiled, checkpointed or sharded)."""
+    return [(hf_param_name(n), p) for n, p in model.named_parameters()]
+
+
 def config_from_hf(raw: Mapping, *, source: str = "config.json"):
     """Gemma2Config from a Hugging Face config dict; anything that is not Gemma2 as we implement it is an error."""
-    from trainer.model import Gemma2Config
-
     model_type = raw.get("model_type")
     architectures = raw.get("architectures") or []
     if model_type != "gemma2" and "Gemma2ForCausalLM" not in architectures:
@@ -123,8 +140,6 @@ class HFCheckpoint:
     """A Hugging Face Gemma2 directory opened for reading: config, tensor names and shapes, (partial) reads."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        from safetensors import safe_open
-
         self.path = Path(path)
         if not self.path.is_dir():
             raise UserError(f"{self.path} is not a directory; give a Hugging Face Gemma2 directory "
@@ -170,8 +185,6 @@ class HFCheckpoint:
 
     def read(self, name: str, *, index: tuple[slice, ...] | None = None) -> torch.Tensor:
         """One tensor, or only its part `index` (a slice per dimension), read without loading the rest."""
-        from safetensors import safe_open
-
         with safe_open(self.file_of[name], framework="pt") as f:
             if index is None:
                 return f.get_tensor(name)
@@ -186,8 +199,6 @@ class HFCheckpoint:
 
 def expected_shapes(config) -> dict[str, tuple[int, ...]]:
     """Hugging Face name -> shape of every parameter of a Gemma2 of this config (no allocation)."""
-    from trainer.model import Gemma2
-
     with torch.device("meta"):
         model = Gemma2(config)
     return {to_hf_name(n): tuple(p.shape) for n, p in model.named_parameters()}
@@ -195,8 +206,6 @@ def expected_shapes(config) -> dict[str, tuple[int, ...]]:
 
 def load_state_into(model, checkpoint: HFCheckpoint) -> None:
     """Copy every parameter of `model` (not sharded) from `checkpoint`, one tensor at a time."""
-    from safetensors import safe_open
-
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     for file, names in checkpoint.by_file():
@@ -231,8 +240,6 @@ def load_state_into(model, checkpoint: HFCheckpoint) -> None:
 def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu", attention_backend: str = "auto"):
     """A Hugging Face Gemma2 directory -> `Gemma2` in `dtype` on `device` (built on meta, filled tensor by tensor)."""
-    from trainer.model import Gemma2
-
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating point type, got {dtype}")
     checkpoint = HFCheckpoint(path)
@@ -252,8 +259,6 @@ def write_hf_checkpoint(path: str | os.PathLike, config, *, shapes: Mapping[str,
     `shapes` maps Hugging Face names to shapes (they plan the shards before any tensor is fetched); `fetch(name)`
     returns that full tensor (for a sharded model: gathered on demand).
     """
-    from safetensors.torch import save_file
-
     itemsize = torch.empty((), dtype=dtype).element_size()
     plan: list[list[str]] = [[]]
     size = 0

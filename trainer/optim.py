@@ -1,8 +1,8 @@
 """EWCAdamW (AdamW with the EWC gradient fused into the step), gradient clipping, and learning-rate schedules.
 
     opt = EWCAdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                   ewc_lambda=0.0, fisher=None, anchor=None, backend="auto")
-    opt.set_ewc_state(fisher, anchor, ewc_lambda)       # later, e.g. after loading the EWC file sharded
+                   ewc_lambda=0.0, ewc=load_ewc(path, model), backend="auto")   # or fisher=[...], anchor=[...]
+    opt.set_ewc_state(ewc=state, ewc_lambda=ewc_lambda)  # later, e.g. after loading the EWC file sharded
     task_norm, total_norm = opt.clip_grad_norm_(1.0, mode="task")
     opt.step()
     opt.last_penalty, opt.last_ewc_grad_norm            # 0-dim tensors
@@ -12,9 +12,13 @@ memory per dtype group (kernels/ewc_adamw.py; "triton" on CUDA, "cpp" on CPU, "t
 EWC-related runs in the forward or backward pass. A parameter whose .grad is None is skipped entirely (no EWC
 pull, no decay, no step count), as torch.optim.AdamW skips it.
 
-Sharded parameters (FSDP2 DTensors) are updated through their local shards; F and anchor are DTensors of the same
-placement, or plain tensors of the local shard's shape. The optimizer state (step, exp_avg, exp_avg_sq) is stored
-like torch.optim.AdamW's (exp_avg a DTensor for a DTensor parameter), so state_dict/load_state_dict and
+EWC state is the mapping parameter -> (fisher, anchor) that trainer.ewc.load_ewc(path, model) returns; positional
+lists `fisher[i]`, `anchor[i]` (the i-th parameter in param-group order) are turned into that mapping on entry.
+It is validated once, on entry (placement, shape, dtype, device, contiguity), and becomes the kernel's
+TensorGroups (kernels/ewc_adamw.py), which cache their pointer tables. Sharded parameters (FSDP2 DTensors) are
+updated through their local shards; F and anchor are DTensors of the same placement, or plain tensors of the
+local shard's shape. The optimizer state (step, exp_avg, exp_avg_sq) is stored like torch.optim.AdamW's (exp_avg
+a DTensor for a DTensor parameter), so state_dict/load_state_dict and
 torch.distributed.checkpoint.state_dict.get_optimizer_state_dict work unchanged. F and anchor are not optimizer
 state: they come from the EWC file on every run and are never saved in state_dict.
 """
@@ -23,12 +27,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from kernels import ewc_adamw as K
+from kernels.ewc_adamw import (BACKENDS, CLIP_MODES, EWC_DTYPES, TensorGroup, grad_sq_norms_groups, group_tensors,
+                               resolve_backend, step_groups)
 from trainer.distributed import is_dtensor, local_tensor
 from trainer.dtypes import dtype_name
 from trainer.errors import UserError
@@ -38,7 +43,6 @@ try:
 except ImportError:  # a torch build without distributed support
     DTensor = Partial = Replicate = Shard = None
 
-CLIP_MODES = K.CLIP_MODES
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -139,38 +143,40 @@ def _tensor_summary(t: Tensor) -> str:
 
 
 @dataclass
-class _Part:
-    """Parameters of one param group that share a reduce key and a dtype: one fused call (per kernel group)."""
-
-    reduce_key: object
-    dtype: torch.dtype
-    indices: list[int]  # positions in _Plan.plist
-    full: bool  # indices cover the whole plist in order (no gradient list to pick)
-    groups: list  # K.TensorGroup, for the step and the "total" norm pass
-    grad_groups: list  # K.TensorGroup without F and anchor, for the "task" norm pass (reads g only)
-    locals: dict  # params, exp_avgs, exp_avg_sqs, fishers, anchors: local tensors in `indices` order
-
-
-@dataclass
 class _Plan:
+    """The kernel groups of one param group's parameters that have gradients; group.indices index `params`."""
+
     key: tuple
-    plist: list[Tensor]  # the group's parameters that have gradients, in group order
-    steps: Tensor  # float32 [len(plist)], CPU: state[p]["step"] are views of it
-    parts: list[_Part]
+    params: list[Tensor]  # the group's parameters that have gradients, in group order
+    steps: Tensor  # float32 [len(params)], CPU: state[p]["step"] are views of it
+    # (reduce key, parameter dtype) -> groups: one call each (the dtype picks the backend), summed per reduce key
+    groups: dict[tuple, list[TensorGroup]]  # for the step and the "total" norm pass
+    grad_groups: dict[tuple, list[TensorGroup]]  # the same without F and anchor: the "task" norm pass reads g
     dtensor: bool  # some parameter is a DTensor (gradients need .to_local())
+
+
+def _by_key_and_dtype(groups: list[TensorGroup]) -> dict[tuple, list[TensorGroup]]:
+    """Groups by (tag, parameter dtype); EWCAdamW tags each group with its reduce key."""
+    by: dict[tuple, list[TensorGroup]] = {}
+    for group in groups:
+        by.setdefault((group.tag, group.dtype), []).append(group)
+    return by
 
 
 class EWCAdamW(torch.optim.Optimizer):
     """torch.optim.AdamW plus the EWC gradient ewc_lambda * F * (p - anchor), fused into one pass per dtype group.
 
-    `fisher[i]`, `anchor[i]` belong to the i-th parameter in param-group order (None: no EWC for it). `backend`:
+    `ewc`: the mapping parameter -> (fisher, anchor) (trainer.ewc.load_ewc(path, model) returns one; a parameter
+    not in it has no EWC). Or, as a convenience, `fisher[i]`, `anchor[i]` for the i-th parameter in param-group
+    order (None: no EWC for it). `backend`:
     "auto" ("triton" on CUDA, "cpp" on CPU), "triton", "cpp" or "torch"; a C++ build failure falls back to "torch"
     with one warning. lr, betas, eps and weight_decay are per param group; ewc_lambda is global.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, ewc_lambda: float = 0.0, fisher: Sequence[Tensor | None] | None = None,
-                 anchor: Sequence[Tensor | None] | None = None, backend: str = "auto"):
+                 anchor: Sequence[Tensor | None] | None = None, backend: str = "auto", *,
+                 ewc: Mapping[Tensor, tuple[Tensor, Tensor]] | None = None):
         if not lr >= 0.0:
             raise UserError(f"lr must be >= 0, got {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -179,19 +185,19 @@ class EWCAdamW(torch.optim.Optimizer):
             raise UserError(f"eps must be >= 0, got {eps}")
         if not weight_decay >= 0.0:
             raise UserError(f"weight_decay must be >= 0, got {weight_decay}")
-        if backend not in ("auto", *K.BACKENDS):
-            raise UserError(f"unknown optimizer backend {backend!r}; choose auto, triton, cpp or torch")
+        if backend not in ("auto", *BACKENDS):
+            raise UserError(f"unknown optimizer backend {backend!r}; choose auto, {', '.join(BACKENDS)}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.backend_request = backend
         self._backend: str | None = None
-        self._ewc: dict[Tensor, tuple[Tensor, Tensor]] = {}
+        self._ewc: dict[Tensor, tuple[Tensor, Tensor]] = {}  # parameter -> local (fisher, anchor), validated
         self._ewc_lambda = 0.0
         self._version = 0  # bumped by anything that invalidates the cached plans
         self._plans: dict[int, _Plan] = {}
         self._clip: tuple[Tensor, str] | None = None  # (scale, mode) for the next step
         self._last_local: list[tuple[object, Tensor, Tensor]] = []  # (reduce key, penalty, sum e^2) per key
         self._last_reduced: tuple[Tensor, Tensor] | None = None
-        self.set_ewc_state(fisher, anchor, ewc_lambda)
+        self.set_ewc_state(fisher, anchor, ewc_lambda, ewc=ewc)
 
     # --- EWC state -------------------------------------------------------------------------------------------
 
@@ -209,20 +215,42 @@ class EWCAdamW(torch.optim.Optimizer):
             raise UserError(f"ewc_lambda must be a finite number >= 0, got {value}")
         self._ewc_lambda = value
 
-    def set_ewc_state(self, fisher: Sequence[Tensor | None] | None, anchor: Sequence[Tensor | None] | None,
-                      ewc_lambda: float | None = None) -> None:
-        """Set (or with None, None clear) F and anchor, one entry per parameter in param-group order.
+    def set_ewc_state(self, fisher: Sequence[Tensor | None] | None = None,
+                      anchor: Sequence[Tensor | None] | None = None, ewc_lambda: float | None = None, *,
+                      ewc: Mapping[Tensor, tuple[Tensor, Tensor]] | None = None) -> None:
+        """Set (or with nothing given clear) the EWC state: `ewc`, the mapping parameter -> (fisher, anchor), or
+        the lists `fisher`, `anchor` with one entry per parameter in param-group order.
 
-        Each entry: None (no EWC for that parameter), a DTensor with the parameter's mesh and placements, or a
-        plain tensor of the parameter's local-shard shape; float32 or bfloat16 (float64 for float64 parameters),
-        contiguous, on the parameter's device. The tensors are referenced, not copied.
+        Each tensor: a DTensor with the parameter's mesh and placements, or a plain tensor of the parameter's
+        local-shard shape; float32 or bfloat16 (float64 for float64 parameters), contiguous, on the parameter's
+        device. A parameter without an entry (or with None in the lists) has no EWC. The tensors are referenced,
+        not copied.
         """
         if ewc_lambda is not None:
             self.ewc_lambda = ewc_lambda
         self._invalidate()
         self._ewc = {}
+        if ewc is not None and (fisher is not None or anchor is not None):
+            raise UserError("give the EWC state either as ewc=mapping or as fisher= and anchor= lists, not both")
+        if ewc is None:
+            ewc = self._mapping_of_lists(fisher, anchor)
+        position = {p: i for i, p in enumerate(self._all_params())}
+        for p, (f, a) in ewc.items():
+            i = position.get(p)
+            if i is None:
+                raise UserError(f"EWC state for a {_tensor_summary(p)} that is not a parameter of this optimizer; "
+                                f"load the EWC file for the model whose parameters the optimizer holds")
+            if f is None and a is None:
+                continue
+            if f is None or a is None:
+                raise UserError(f"parameter {i}: EWC state needs both fisher and anchor (or neither)")
+            self._ewc[p] = (self._ewc_local(i, "fisher", p, f), self._ewc_local(i, "anchor", p, a))
+
+    def _mapping_of_lists(self, fisher: Sequence[Tensor | None] | None,
+                          anchor: Sequence[Tensor | None] | None) -> dict[Tensor, tuple[Tensor, Tensor]]:
+        """The positional convenience form, as the mapping parameter -> (fisher, anchor)."""
         if fisher is None and anchor is None:
-            return
+            return {}
         if fisher is None or anchor is None:
             raise UserError("EWC state needs both fisher and anchor (or neither)")
         params = self._all_params()
@@ -230,12 +258,7 @@ class EWCAdamW(torch.optim.Optimizer):
         if len(fisher) != len(params) or len(anchor) != len(params):
             raise UserError(f"EWC state has {len(fisher)} fisher and {len(anchor)} anchor tensors for "
                             f"{len(params)} parameters; give one per parameter (None for none), in param-group order")
-        for i, (p, f, a) in enumerate(zip(params, fisher, anchor)):
-            if f is None and a is None:
-                continue
-            if f is None or a is None:
-                raise UserError(f"parameter {i}: EWC state needs both fisher and anchor (or neither)")
-            self._ewc[p] = (self._ewc_local(i, "fisher", p, f), self._ewc_local(i, "anchor", p, a))
+        return dict(zip(params, zip(fisher, anchor)))
 
     @staticmethod
     def _ewc_local(i: int, name: str, p: Tensor, t: Tensor) -> Tensor:
@@ -251,7 +274,7 @@ class EWCAdamW(torch.optim.Optimizer):
         if t.shape != p_local.shape:
             raise UserError(f"parameter {i}: {name} has shape {tuple(t.shape)}, the parameter's local shard "
                             f"{tuple(p_local.shape)} ({_tensor_summary(p)})")
-        allowed = (torch.float64,) if p_local.dtype == torch.float64 else K.EWC_DTYPES
+        allowed = (torch.float64,) if p_local.dtype == torch.float64 else EWC_DTYPES
         if t.dtype not in allowed:
             raise UserError(f"parameter {i}: {name} is {dtype_name(t.dtype)}; use float32 or "
                             f"bfloat16 (float64 for float64 parameters), e.g. .to(torch.bfloat16)")
@@ -269,7 +292,7 @@ class EWCAdamW(torch.optim.Optimizer):
         if self._backend is None:
             params = self._all_params()
             device = local_tensor(params[0]).device if params else torch.device("cpu")
-            self._backend = K.resolve_backend(self.backend_request, device)
+            self._backend = resolve_backend(self.backend_request, device)
         return self._backend
 
     def _backend_for(self, dtype: torch.dtype) -> str:
@@ -290,37 +313,31 @@ class EWCAdamW(torch.optim.Optimizer):
     def _invalidate(self) -> None:
         self._version += 1
 
-    def _plan(self, group_index: int, plist: list[Tensor]) -> _Plan:
+    def _plan(self, group_index: int, params: list[Tensor]) -> _Plan:
         """The prepared kernel groups for the parameters of a group that have gradients (rebuilt when that set,
         the EWC state, lambda's zeroness or the optimizer state changes; validation happens here, once)."""
-        key = (self._version, self._ewc_lambda != 0, tuple(map(id, plist)))
+        key = (self._version, self._ewc_lambda != 0, tuple(map(id, params)))
         plan = self._plans.get(group_index)
         if plan is not None and plan.key == key:
             return plan
-        states = [self._state_of(p) for p in plist]
-        for j, (p, state) in enumerate(zip(plist, states)):
+        states = [self._state_of(p) for p in params]
+        for j, (p, state) in enumerate(zip(params, states)):
             self._check_param(j, p, state)
         # Steps as views of one buffer: one add_ per step instead of one op per parameter. state_dict() hands out
         # copies; load_state_dict() bumps the version, and the next plan adopts the loaded values.
         steps = torch.tensor([float(s["step"]) for s in states], dtype=torch.float32)
         for i, state in enumerate(states):
             state["step"] = steps[i]
-        parts: dict[tuple, list[int]] = {}
-        for j, p in enumerate(plist):
-            parts.setdefault((_reduce_key(p), local_tensor(p).dtype), []).append(j)
-        built = []
-        for (reduce_key, dtype), idx in parts.items():
-            ewc = [self._ewc.get(plist[j], (None, None)) for j in idx]
-            locals_ = dict(
-                params=[local_tensor(plist[j]) for j in idx],
-                exp_avgs=[local_tensor(states[j]["exp_avg"]) for j in idx],
-                exp_avg_sqs=[local_tensor(states[j]["exp_avg_sq"]) for j in idx],
-                fishers=[f for f, _ in ewc], anchors=[a for _, a in ewc])
-            groups = K.group_tensors(**locals_, ewc_lambda=self._ewc_lambda, check=False)
-            grad_groups = K.group_tensors(locals_["params"], None, None, None, None, ewc_lambda=0.0, check=False)
-            built.append(_Part(reduce_key, dtype, idx, idx == list(range(len(plist))), groups, grad_groups,
-                               locals_))
-        plan = _Plan(key, list(plist), steps, built, any(is_dtensor(p) for p in plist))
+        local_params = [local_tensor(p) for p in params]
+        ewc = [self._ewc.get(p, (None, None)) for p in params]
+        # Tagged by how their sums combine across ranks: one all-reduce per tag, after all groups ran.
+        tags = [_reduce_key(p) for p in params]
+        groups = group_tensors(local_params, [local_tensor(s["exp_avg"]) for s in states],
+                               [local_tensor(s["exp_avg_sq"]) for s in states], [f for f, _ in ewc],
+                               [a for _, a in ewc], ewc_lambda=self._ewc_lambda, tags=tags, check=False)
+        grad_groups = group_tensors(local_params, None, None, None, None, ewc_lambda=0.0, tags=tags, check=False)
+        plan = _Plan(key, list(params), steps, _by_key_and_dtype(groups), _by_key_and_dtype(grad_groups),
+                     any(is_dtensor(p) for p in params))
         self._plans[group_index] = plan
         return plan
 
@@ -367,7 +384,7 @@ class EWCAdamW(torch.optim.Optimizer):
             self._invalidate()
 
     def _plans_with_grads(self):
-        """(group, plan, local grads of plan.plist) for every param group with gradients.
+        """(group, plan, local grads of plan.params) for every param group with gradients.
 
         Per step this touches each parameter a few times only (its grad, the grad's local shard, contiguity):
         shapes, dtypes and devices of gradients are guaranteed by torch's .grad setter, the rest was validated
@@ -377,19 +394,19 @@ class EWCAdamW(torch.optim.Optimizer):
             params = group["params"]
             grads = [p.grad for p in params]
             if any(g is None for g in grads):
-                plist = [p for p, g in zip(params, grads) if g is not None]
+                with_grads = [p for p, g in zip(params, grads) if g is not None]
                 grads = [g for g in grads if g is not None]
-                if not plist:
+                if not with_grads:
                     continue
             else:
-                plist = params
-            plan = self._plan(gi, plist)
+                with_grads = params
+            plan = self._plan(gi, with_grads)
             if plan.dtensor:
                 grads = [local_tensor(g) for g in grads]
             if not all(g.is_contiguous() for g in grads):
                 j = next(j for j, g in enumerate(grads) if not g.is_contiguous())
-                raise UserError(f"the gradient of parameter {j} of param group {gi} ({_tensor_summary(plist[j])}) is "
-                                f"not contiguous; the fused step reads raw memory")
+                raise UserError(f"the gradient of parameter {j} of param group {gi} "
+                                f"({_tensor_summary(with_grads[j])}) is not contiguous; the fused step reads raw memory")
             yield group, plan, grads
 
     # --- clipping --------------------------------------------------------------------------------------------
@@ -413,13 +430,10 @@ class EWCAdamW(torch.optim.Optimizer):
         use_ewc = mode == "total" and self._ewc_lambda != 0
         by_key: dict[object, list[Tensor]] = {}
         for _, plan, grads in self._plans_with_grads():
-            for part in plan.parts:
-                part_grads = grads if part.full else [grads[j] for j in part.indices]
-                groups = part.groups if use_ewc else part.grad_groups
-                gsq, tsq = K.grad_sq_norms_groups(groups, part_grads, ewc_lambda=self._ewc_lambda,
-                                                  backend=self._backend_for(part.dtype), check_grads=False)
-                acc = by_key.setdefault(part.reduce_key, [])
-                acc += [gsq, tsq]
+            for (reduce_key, dtype), groups in (plan.groups if use_ewc else plan.grad_groups).items():
+                gsq, tsq = grad_sq_norms_groups(groups, grads, ewc_lambda=self._ewc_lambda,
+                                                backend=self._backend_for(dtype), check_grads=False)
+                by_key.setdefault(reduce_key, []).extend((gsq, tsq))
         grad_sq, total_sq = _sum_reduced((key, torch.stack(sums[0::2]).sum(), torch.stack(sums[1::2]).sum())
                                          for key, sums in by_key.items())
         task_norm = grad_sq.sqrt()
@@ -446,28 +460,21 @@ class EWCAdamW(torch.optim.Optimizer):
             for group, plan, grads in self._plans_with_grads():
                 plan.steps.add_(1.0)
                 step_values = plan.steps.tolist()
-                uniform = step_values.count(step_values[0]) == len(step_values)
                 hyper = dict(ewc_lambda=self._ewc_lambda, lr=float(group["lr"]), betas=group["betas"], eps=group["eps"],
                              weight_decay=group["weight_decay"], grad_scale=scale, clip_mode=mode, check_grads=False)
-                for part in plan.parts:
-                    part_grads = grads if part.full else [grads[j] for j in part.indices]
-                    backend = self._backend_for(part.dtype)
-                    if uniform:
-                        pen, sq = K.step_groups(part.groups, part_grads, step=int(step_values[0]), backend=backend,
-                                                **hyper)
-                    else:  # parameters that missed steps (no grad at times): one call per step count
-                        pen = sq = 0
-                        values = [step_values[j] for j in part.indices]
-                        for value in sorted(set(values)):
-                            sel = [i for i, v in enumerate(values) if v == value]
-                            pick = lambda lst: [lst[i] for i in sel]  # noqa: E731
-                            groups = K.group_tensors(*(pick(part.locals[k]) for k in
-                                                       ("params", "exp_avgs", "exp_avg_sqs", "fishers", "anchors")),
-                                                     ewc_lambda=self._ewc_lambda, check=False)
-                            p_, s_ = K.step_groups(groups, pick(part_grads), step=int(value), backend=backend, **hyper)
-                            pen, sq = pen + p_, sq + s_
-                    acc = sums.setdefault(part.reduce_key, [])
-                    acc += [pen, sq]
+                # Parameters that missed steps (no grad at times) have their own step count: one call per count.
+                counts = sorted(set(step_values))
+                for (reduce_key, dtype), groups in plan.groups.items():
+                    backend = self._backend_for(dtype)
+                    acc = sums.setdefault(reduce_key, [])
+                    if len(counts) == 1:
+                        acc.extend(step_groups(groups, grads, step=int(counts[0]), backend=backend, **hyper))
+                        continue
+                    for count in counts:
+                        chosen = {i for i, v in enumerate(step_values) if v == count}
+                        subsets = [sub for sub in (group.subset(chosen) for group in groups) if sub is not None]
+                        if subsets:
+                            acc.extend(step_groups(subsets, grads, step=int(count), backend=backend, **hyper))
         self._last_local = [(key, torch.stack(v[0::2]).sum(), torch.stack(v[1::2]).sum()) for key, v in sums.items()]
         self._last_reduced = None
         return loss

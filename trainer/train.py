@@ -83,14 +83,12 @@ def build_model(config: TrainConfig, *, device: torch.device, mesh):
                                attention_backend=config.model.attention)
 
 
-def param_groups(model, weight_decay: float) -> tuple[list[dict], list[str]]:
-    """Matrices decay, norm weights do not; returns the groups and the parameter names in group order."""
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Matrices decay, norm weights do not."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 else no_decay).append((name, p))
-    groups = [{"params": [p for _, p in decay], "weight_decay": weight_decay},
-              {"params": [p for _, p in no_decay], "weight_decay": 0.0}]
-    return groups, [n for n, _ in decay + no_decay]
+    for p in model.parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_loader(config: TrainConfig, *, rank: int, world_size: int, vocab_size: int):
@@ -111,21 +109,18 @@ def build_loader(config: TrainConfig, *, rank: int, world_size: int, vocab_size:
     return loader
 
 
-def attach_ewc(config: TrainConfig, model, optimizer, names: list[str]) -> dict:
+def attach_ewc(config: TrainConfig, model, optimizer) -> dict:
     """Load the EWC file sharded like the parameters and hand F and θ* to the optimizer; returns its description."""
     e = config.ewc
     if not e.file:
         return {}
     from trainer.ewc import load_ewc
-    from trainer.hf import to_hf_name
 
     if not Path(e.file).is_file():
         raise UserError(f"EWC file {e.file} not found (make it with `gemma-ewc fisher`)")
     state = load_ewc(e.file, model, strict=e.strict_anchor, normalize=e.fisher_normalize,
                      fisher_dtype=DTYPES[e.fisher_dtype], anchor_dtype=DTYPES[e.anchor_dtype])
-    fisher = [state.fisher[to_hf_name(n)] for n in names]
-    anchor = [state.anchor[to_hf_name(n)] for n in names]
-    optimizer.set_ewc_state(fisher, anchor, e.lam)
+    optimizer.set_ewc_state(ewc=state, ewc_lambda=e.ewc_lambda)
     return {"ewc_file": str(e.file), "ewc_sha256": sha256_file(e.file),
             "fisher_normalize_divisor": state.normalize_divisor, "anchor_max_diff": state.max_anchor_diff}
 
@@ -299,10 +294,9 @@ def train(config: TrainConfig, run_dir: str | Path, *, stop_after: int | None = 
     model = build_model(config, device=device, mesh=mesh)
     model.train()
     o = config.optim
-    groups, names = param_groups(model, o.weight_decay)
-    optimizer = EWCAdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                         backend=o.backend)
-    ewc_info = attach_ewc(config, model, optimizer, names)
+    optimizer = EWCAdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                         weight_decay=o.weight_decay, backend=o.backend)
+    ewc_info = attach_ewc(config, model, optimizer)
     loader = build_loader(config, rank=env.rank, world_size=env.world_size, vocab_size=model.config.vocab_size)
 
     checkpoint_dir = run_dir / "checkpoints"

@@ -6,8 +6,11 @@ gathers one parameter at a time): the header is written first with room to spare
 name order, then the header is rewritten in place with the anchor's hash, which is only known at the end. The
 file appears atomically under its final name (fileio.atomic_path) or not at all.
 
-Reading into a sharded model reads only this rank's slice of each tensor (safetensors slicing, the rows FSDP2's
-Shard(0) gives this rank: trainer.distributed.local_index) and returns DTensors placed like the parameters.
+Reading for a model gives the mapping parameter -> (fisher, anchor) that EWCAdamW(ewc=...) takes (the names are
+matched by trainer.hf.named_hf_parameters, the one place that maps names); into a sharded model it reads only this
+rank's slice of each tensor (safetensors slicing, the rows FSDP2's Shard(0) gives this rank:
+trainer.distributed.local_index) and the tensors are DTensors placed like the parameters. Reading without a model
+(inspection, tools) keys the same mapping by Hugging Face name.
 Validation on load: every parameter present, shapes equal, Fisher finite and non-negative, anchor finite, and the
 anchor equal to the weights being trained (a warning naming the largest difference, or an error with strict=True:
 training from a model other than the one the Fisher was computed for is the most common silent mistake).
@@ -24,16 +27,17 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 
 from trainer.distributed import is_dtensor, like_param, local_index, local_tensor
 from trainer.dtypes import dtype_name
 from trainer.errors import UserError
-from trainer.ewc.fisher import named_hf_parameters
 from trainer.fileio import atomic_path, sha256_file
+from trainer.hf import named_hf_parameters
 
 FORMAT = "gemma-ewc/ewc-v1"
 FISHER = "fisher."
@@ -202,9 +206,8 @@ class EWCHeader:
         return float(self.metadata.get("fisher_divisor", "1"))
 
 
-def _open(path: Path):
-    from safetensors import safe_open
-
+def _open_ewc_file(path: Path):
+    """The EWC file opened for reading (safetensors' lazy reader), or one clear UserError."""
     if not path.is_file():
         raise UserError(f"{path}: no such EWC file")
     try:
@@ -218,7 +221,7 @@ def _open(path: Path):
 def read_header(path: str | os.PathLike) -> EWCHeader:
     """Open an EWC file and check its structure (format, fisher/anchor pairs, shapes, dtypes): no tensor is read."""
     path = Path(path)
-    with _open(path) as f:
+    with _open_ewc_file(path) as f:
         metadata = f.metadata() or {}
         if metadata.get("format") != FORMAT:
             raise UserError(f"{path}: metadata format is {metadata.get('format')!r}, not {FORMAT!r}: not an EWC "
@@ -270,20 +273,35 @@ def _agree(problems: list[str], sharded: bool) -> list[str]:
 
 
 @dataclass
-class EWCState:
-    """Fisher and anchor of every parameter (Hugging Face names), in the model's placement, plus the metadata."""
+class EWCState(Mapping):
+    """The mapping parameter -> (fisher, anchor) of an EWC file, in the model's placement, plus the file's metadata.
 
-    fisher: dict[str, torch.Tensor]
-    anchor: dict[str, torch.Tensor]
+    Loaded for a model the keys are the model's own parameters: what EWCAdamW(ewc=state) takes. Loaded without a
+    model (inspection, tools) they are the Hugging Face names. `fisher` and `anchor` are the two sides, same keys.
+    """
+
+    pairs: dict[Any, tuple[torch.Tensor, torch.Tensor]]
     metadata: dict[str, str]
     max_anchor_diff: float = 0.0
-    max_anchor_diff_param: str | None = None
+    max_anchor_diff_param: str | None = None  # its Hugging Face name
     normalize_divisor: float = 1.0
 
-    def aligned(self, model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(fisher, anchor) lists in `model.parameters()` order, as EWCAdamW takes them."""
-        names = [n for n, _ in named_hf_parameters(model)]
-        return [self.fisher[n] for n in names], [self.anchor[n] for n in names]
+    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pairs[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self.pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def fisher(self) -> dict[Any, torch.Tensor]:
+        return {key: f for key, (f, _) in self.pairs.items()}
+
+    @property
+    def anchor(self) -> dict[Any, torch.Tensor]:
+        return {key: a for key, (_, a) in self.pairs.items()}
 
 
 def load_ewc(path: str | os.PathLike, model=None, *, strict: bool = False, normalize: str = "none",
@@ -291,7 +309,8 @@ def load_ewc(path: str | os.PathLike, model=None, *, strict: bool = False, norma
              device: torch.device | str | None = None) -> EWCState:
     """Read and validate an EWC file, for `model` (plain or FSDP2-sharded) or on its own.
 
-    With a sharded model each rank reads only its slices and gets DTensors placed like the parameters. Dtypes
+    For a model: the mapping parameter -> (fisher, anchor); with a sharded model each rank reads only its slices
+    and gets DTensors placed like the parameters. Without one: keyed by Hugging Face name. Dtypes
     default to the file's; `normalize` ("mean"/"max") divides the Fisher by its global mean/max after loading.
     Raises UserError for a missing/extra parameter, a shape mismatch, a non-finite or negative Fisher entry, a
     non-finite anchor; warns (strict: raises) when the anchor differs from the model's weights.
@@ -323,9 +342,9 @@ def load_ewc(path: str | os.PathLike, model=None, *, strict: bool = False, norma
         sharded = any(is_dtensor(p) for _, p in named)
     fisher_dtype = fisher_dtype or header.fisher_dtype
     anchor_dtype = anchor_dtype or header.anchor_dtype
-    fisher, anchor, problems = {}, {}, []
+    pairs, problems = {}, []
     diffs: dict[str, float] = {}
-    with _open(header.path) as f:
+    with _open_ewc_file(header.path) as f:
         for name, param in targets.items():
             index = local_index(param) if param is not None else None
             dev = device if device is not None else (local_tensor(param).device if param is not None else "cpu")
@@ -345,14 +364,16 @@ def load_ewc(path: str | os.PathLike, model=None, *, strict: bool = False, norma
                 diffs[name] = (w.to(wide) - al.to(wide)).abs().max().item()
             elif param is not None:
                 diffs[name] = 0.0
-            fisher[name] = like_param(fl.to(fisher_dtype), param) if param is not None else fl.to(fisher_dtype)
-            anchor[name] = like_param(al.to(anchor_dtype), param) if param is not None else al.to(anchor_dtype)
+            if param is None:
+                pairs[name] = (fl.to(fisher_dtype), al.to(anchor_dtype))
+            else:
+                pairs[param] = (like_param(fl.to(fisher_dtype), param), like_param(al.to(anchor_dtype), param))
     problems = _agree(problems, sharded)
     if problems:
         raise UserError(f"{header.path}: invalid Fisher/anchor: {problems[0]}"
                         + (f" ({len(problems) - 1} more problem(s))" if len(problems) > 1 else "")
                         + "; the Fisher must be finite and non-negative: re-estimate it")
-    state = EWCState(fisher, anchor, dict(header.metadata))
+    state = EWCState(pairs, dict(header.metadata))
     if model is not None and diffs:
         names = list(diffs)
         # On the parameters' device: NCCL reduces only CUDA tensors.
@@ -382,36 +403,47 @@ def load_ewc(path: str | os.PathLike, model=None, *, strict: bool = False, norma
 def _replication(t) -> int:
     if not is_dtensor(t):
         return 1
-    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor import Replicate  # loaded already when a DTensor exists; plain runs skip 0.6 s
 
     return math.prod(t.device_mesh.size(i) for i, p in enumerate(t.placements) if isinstance(p, Replicate))
 
 
-def fisher_divisor(fisher: Mapping[str, torch.Tensor], mode: str) -> float:
+def fisher_divisor(fisher: Mapping[Any, torch.Tensor], mode: str) -> float:
     """The global mean or max of all Fisher entries of all parameters (1.0 for "none")."""
+    return _global_divisor(fisher.values(), mode)
+
+
+def _global_divisor(tensors: Iterable[torch.Tensor], mode: str, *, what: str = "the Fisher") -> float:
+    """fisher_divisor over tensors that may be made one at a time (merge_ewc streams them): each is reduced to a
+    0-dim partial and dropped. Sharded tensors (DTensors) are reduced across ranks (a collective)."""
     if mode not in NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {mode!r}")
     if mode == "none":
         return 1.0
-    tensors = list(fisher.values())
-    sharded = any(is_dtensor(t) for t in tensors)
-    locals_ = [local_tensor(t) for t in tensors]
-    device = locals_[0].device
+    parts: list[torch.Tensor] = []
+    count, sharded, device = 0, False, torch.device("cpu")
+    for t in tensors:
+        local = local_tensor(t)
+        sharded |= is_dtensor(t)
+        device = local.device
+        count += t.numel()
+        if mode == "mean":
+            # A replicated shard is held by several ranks: count it once.
+            parts.append(local.sum(dtype=torch.float64) / _replication(t))
+        elif local.numel():
+            parts.append(local.max().double())
     if mode == "mean":
-        # A replicated shard is held by several ranks: count it once.
-        parts = [l.sum(dtype=torch.float64) / _replication(t) for l, t in zip(locals_, tensors)]
         total = torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64, device=device)
         if sharded:
             dist.all_reduce(total)
-        value = total.item() / sum(t.numel() for t in tensors)
+        value = total.item() / count if count else 0.0
     else:
-        parts = [l.max().double() for l in locals_ if l.numel()]
         value_t = torch.stack(parts).max() if parts else torch.zeros((), dtype=torch.float64, device=device)
         if sharded:
             dist.all_reduce(value_t, op=dist.ReduceOp.MAX)
         value = value_t.item()
     if not value > 0 or not math.isfinite(value):
-        raise UserError(f"cannot normalise the Fisher by its {mode}: it is {value} (an all-zero Fisher carries "
+        raise UserError(f"cannot normalise {what} by its {mode}: it is {value} (an all-zero Fisher carries "
                         f"no information; check the data gave scored tokens)")
     return value
 
@@ -450,7 +482,7 @@ def merge_ewc(a_path: str | os.PathLike, b_path: str | os.PathLike, out: str | o
         if a.shapes[n] != b.shapes[n]:
             raise UserError(f"cannot merge: {n} has shape {a.shapes[n]} in A but {b.shapes[n]} in B")
     names = a.names
-    with _open(a.path) as fa, _open(b.path) as fb:
+    with _open_ewc_file(a.path) as fa, _open_ewc_file(b.path) as fb:
         def merged(name: str) -> torch.Tensor:
             ta = fa.get_tensor(FISHER + name).float() * a.divisor
             tb = fb.get_tensor(FISHER + name).float() * b.divisor
@@ -460,17 +492,7 @@ def merge_ewc(a_path: str | os.PathLike, b_path: str | os.PathLike, out: str | o
                     raise UserError(f"{h.path} (file {label}): {problem}")
             return ta.mul_(gamma).add_(tb)
 
-        divisor = 1.0
-        if normalize != "none":
-            total, peak, count = 0.0, 0.0, 0
-            for n in names:
-                m = merged(n)
-                total += m.sum(dtype=torch.float64).item()
-                peak = max(peak, m.max().item() if m.numel() else 0.0)
-                count += m.numel()
-            divisor = total / count if normalize == "mean" else peak
-            if not divisor > 0:
-                raise UserError(f"cannot normalise the merged Fisher by its {normalize}: it is all zeros")
+        divisor = _global_divisor((merged(n) for n in names), normalize, what="the merged Fisher")
 
         specs = ([(FISHER + n, fisher_dtype, a.shapes[n]) for n in names]
                  + [(ANCHOR + n, b.anchor_dtype, b.shapes[n]) for n in names])

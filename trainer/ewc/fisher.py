@@ -41,22 +41,9 @@ from tqdm import tqdm
 from kernels.linear_cross_entropy import IGNORE_INDEX, default_chunk_rows
 from trainer.distributed import is_dtensor, like_param, local_tensor
 from trainer.errors import UserError
-from trainer.hf import to_hf_name
+from trainer.hf import named_hf_parameters
 
 ESTIMATORS = ("empirical", "sampled")
-# Wrapper prefixes that torch.compile / activation-checkpoint wrappers insert into parameter names.
-_WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
-
-
-def hf_param_name(name: str) -> str:
-    """Our parameter name (maybe wrapped) -> Hugging Face name (`model.layers.0...`)."""
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return to_hf_name(name)
-
-
-def named_hf_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(hf_param_name(n), p) for n, p in model.named_parameters()]
 
 
 @dataclass
