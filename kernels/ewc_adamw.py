@@ -58,6 +58,16 @@ EWC_DTYPES = (torch.float32, torch.bfloat16)
 # --------------------------------------------------------------------------------------------------- reference
 
 
+def _ref_inputs(params, fishers, anchors) -> tuple[list, list, tuple[Tensor, Tensor]]:
+    """F and anchor as lists (None where a parameter has none) and two float64 zero sums on the parameters' device."""
+    n = len(params)
+    fishers = list(fishers) if fishers is not None else [None] * n
+    anchors = list(anchors) if anchors is not None else [None] * n
+    device = params[0].device if n else torch.device("cpu")
+    return fishers, anchors, (torch.zeros((), dtype=torch.float64, device=device),
+                              torch.zeros((), dtype=torch.float64, device=device))
+
+
 def ewc_adamw_ref(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                   exp_avg_sqs: Sequence[Tensor], *, fishers: Sequence[Tensor | None] | None = None,
                   anchors: Sequence[Tensor | None] | None = None, ewc_lambda: float = 0.0, lr: float,
@@ -70,12 +80,7 @@ def ewc_adamw_ref(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: S
     Returns 0-dim float64 tensors (penalty, sum of squares of the EWC gradient) at the pre-step parameters.
     """
     beta1, beta2 = betas
-    n = len(params)
-    fishers = list(fishers) if fishers is not None else [None] * n
-    anchors = list(anchors) if anchors is not None else [None] * n
-    device = params[0].device if n else torch.device("cpu")
-    penalty = torch.zeros((), dtype=torch.float64, device=device)
-    ewc_sq = torch.zeros((), dtype=torch.float64, device=device)
+    fishers, anchors, (penalty, ewc_sq) = _ref_inputs(params, fishers, anchors)
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     for p, g, m, v, f, a in zip(params, grads, exp_avgs, exp_avg_sqs, fishers, anchors):
@@ -112,12 +117,7 @@ def ewc_grad_sq_norms_ref(params: Sequence[Tensor], grads: Sequence[Tensor], *,
                           anchors: Sequence[Tensor | None] | None = None,
                           ewc_lambda: float = 0.0) -> tuple[Tensor, Tensor]:
     """(sum(g^2), sum((g + e)^2)) as 0-dim float64 tensors; the second is sum(g^2) too where there is no EWC."""
-    n = len(params)
-    fishers = list(fishers) if fishers is not None else [None] * n
-    anchors = list(anchors) if anchors is not None else [None] * n
-    device = params[0].device if n else torch.device("cpu")
-    grad_sq = torch.zeros((), dtype=torch.float64, device=device)
-    total_sq = torch.zeros((), dtype=torch.float64, device=device)
+    fishers, anchors, (grad_sq, total_sq) = _ref_inputs(params, fishers, anchors)
     for p, g, f, a in zip(params, grads, fishers, anchors):
         grad_sq += (g * g).sum(dtype=torch.float64)
         t = g + ewc_lambda * (f.to(p.dtype) * (p - a.to(p.dtype))) if (ewc_lambda != 0 and f is not None) else g

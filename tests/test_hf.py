@@ -112,7 +112,7 @@ def test_directory_without_weights_is_refused(tmp_path, saved):
 def test_failed_save_leaves_previous_export_intact(tmp_path, saved, monkeypatch):
     before = {p.name: p.read_bytes() for p in saved.iterdir()}
     model = random_model(small_config(), seed=1)
-    import safetensors.torch
+    import trainer.hf
 
     calls = []
 
@@ -122,8 +122,8 @@ def test_failed_save_leaves_previous_export_intact(tmp_path, saved, monkeypatch)
             raise OSError("disk full")
         return real_save(*args, **kwargs)
 
-    real_save = safetensors.torch.save_file
-    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    real_save = trainer.hf.save_file
+    monkeypatch.setattr(trainer.hf, "save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
         save_pretrained(model, saved, dtype=torch.float32, max_shard_bytes=60_000)
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before

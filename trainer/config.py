@@ -7,6 +7,7 @@ values of the wrong type are errors that list what is valid. A component receive
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 from kernels.ewc_adamw import BACKENDS as OPTIMIZER_BACKENDS
 from trainer.attention import BACKENDS as ATTENTION_BACKENDS
 from trainer.errors import UserError
+from trainer.optim import warmup_steps_of
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -223,6 +225,18 @@ def validate(config: TrainConfig) -> None:
         raise UserError(f"data.weights must be non-negative with a positive sum, got {d.weights}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise UserError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    for where, value in (("optim.lr", o.lr), ("optim.eps", o.eps), ("optim.weight_decay", o.weight_decay),
+                         ("optim.clip", o.clip)):
+        if not (math.isfinite(value) and value >= 0):  # NaN fails every comparison: test for what is allowed
+            raise UserError(f"{where} must be a finite number >= 0, got {value}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise UserError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    try:
+        warmup_steps_of(o.warmup, o.max_steps)
+    except UserError as exc:
+        raise UserError(f"optim.{exc}") from None
+    if not math.isfinite(config.ewc.ewc_lambda):
+        raise UserError(f"ewc.lambda must be a finite number >= 0, got {config.ewc.ewc_lambda}")
     if config.ewc.ewc_lambda < 0:
         raise UserError(f"ewc.lambda must be >= 0, got {config.ewc.ewc_lambda}")
     if config.ewc.ewc_lambda > 0 and not config.ewc.file:

@@ -149,7 +149,9 @@ def demo(out: Path, settings: DemoSettings, *, lam: float, text_a: str | None = 
         _cli("eval", "--model", str(out / "models" / name), "--ppl", f"A={texts['a']['heldout']}",
              f"B={texts['b']['heldout']}", "--out", str(result), "--label", name, "--device", "cpu", *extra)
         results.append(result)
-    _cli("report", *map(str, results), "--out", str(out / "report.md"), "--plots", str(out), "--base", "base")
+    # The plots go beside the demo's other outputs, into its own (non-empty) folder.
+    _cli("report", *map(str, results), "--out", str(out / "report.md"), "--plots", str(out), "--base", "base",
+         "--overwrite")
     table = summary_table(results)
     (out / "summary.json").write_text(json.dumps(table, indent=2) + "\n")
     return table

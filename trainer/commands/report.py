@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from trainer.commands.options import add_overwrite
-from trainer.evaluate.report import write_report
+from trainer.evaluate.report import PLOT_FILES, write_report
 from trainer.fileio import check_output
 
 
@@ -25,8 +25,10 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output(args.out, inputs=args.results, overwrite=args.overwrite)
-    if args.plots:
-        check_output(args.plots, inputs=args.results, overwrite=args.overwrite, directory=True, flag="--plots")
+    if args.plots:  # the plots go into DIR beside what it holds: each plot file is an output of its own
+        check_output(args.plots, overwrite=True, directory=True, flag="--plots")
+        for name in PLOT_FILES:
+            check_output(Path(args.plots) / name, inputs=args.results, overwrite=args.overwrite, flag="--plots")
     written = write_report([Path(p) for p in args.results], out=Path(args.out),
                            plots=Path(args.plots) if args.plots else None, base=args.base)
     for path in written:

@@ -25,6 +25,7 @@ from trainer.errors import UserError
 from trainer.fileio import atomic_path
 
 RESULTS_FORMAT = "gemma-ewc/eval-v1"
+PLOT_FILES = ("accuracy_vs_lambda.png", "perplexity_vs_lambda.png")  # what --plots DIR receives
 
 
 @dataclass
@@ -33,6 +34,45 @@ class Run:
     label: str
     ewc_lambda: float | None
     data: dict
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_fields(path: Path, data: dict) -> None:
+    """The fields the report reads have the types eval writes (trainer/evaluate/runner.py); else a UserError that
+    names the file and the field (a hand-edited or truncated-and-repaired results file)."""
+    def bad(field: str, value, expected: str) -> UserError:
+        return UserError(f"{path}: field {field} is {json.dumps(value)[:60]}, expected {expected}; make the file "
+                         f"again with gemma-ewc eval --out")
+
+    lam = data.get("lambda")
+    if not (lam is None or (_is_number(lam) and lam >= 0)):
+        raise bad("lambda", lam, "a number >= 0 or null")
+    if not isinstance(data.get("label") or "", str):
+        raise bad("label", data["label"], "a string")
+    for field in ("model", "settings", "perplexity", "tasks"):
+        if not isinstance(data.get(field, {}), dict):
+            raise bad(field, data[field], "an object")
+    for name, entry in data.get("perplexity", {}).items():
+        if not isinstance(entry, dict):
+            raise bad(f"perplexity.{name}", entry, "an object")
+        for key in ("perplexity", "bits_per_byte"):
+            if entry.get(key) is not None and not _is_number(entry[key]):
+                raise bad(f"perplexity.{name}.{key}", entry[key], "a number")
+    for name, task in data.get("tasks", {}).items():
+        if not isinstance(task, dict):
+            raise bad(f"tasks.{name}", task, "an object")
+        for key in ("scores", "stderr"):
+            metrics = task.get(key, {})
+            if not isinstance(metrics, dict):
+                raise bad(f"tasks.{name}.{key}", metrics, "an object of metric: number")
+            for metric, number in metrics.items():
+                if number is not None and not _is_number(number):
+                    raise bad(f"tasks.{name}.{key}.{metric}", number, "a number")
+        if not isinstance(task.get("primary"), str) or task["primary"] not in task.get("scores", {}):
+            raise bad(f"tasks.{name}.primary", task.get("primary"), "the name of one of its scores")
 
 
 def load_runs(paths: Sequence[Path]) -> list[Run]:
@@ -47,6 +87,7 @@ def load_runs(paths: Sequence[Path]) -> list[Run]:
         if not isinstance(data, dict) or data.get("format") != RESULTS_FORMAT:
             raise UserError(f"{path} is not a gemma-ewc eval results file (format {RESULTS_FORMAT!r}); "
                             f"make it with gemma-ewc eval --out")
+        _check_fields(Path(path), data)
         lam = data.get("lambda")
         runs.append(Run(Path(path), str(data.get("label") or Path(path).stem), None if lam is None else float(lam),
                         data))
@@ -281,9 +322,9 @@ def draw_plots(runs: Sequence[Run], base: Run | None, out_dir: Path) -> list[Pat
         s = task_score(r, t, metrics[t])
         return None if s is None else 100 * s[0]
 
-    panels(tasks, task_value, lambda t: f"{metrics[t]} (%)", "Accuracy vs EWC λ", "accuracy_vs_lambda.png")
+    panels(tasks, task_value, lambda t: f"{metrics[t]} (%)", "Accuracy vs EWC λ", PLOT_FILES[0])
     panels(ppl_sets, lambda r, n: ppl_value(r, n, "perplexity"), lambda n: "perplexity",
-           "Perplexity vs EWC λ", "perplexity_vs_lambda.png")
+           "Perplexity vs EWC λ", PLOT_FILES[1])
     return written
 
 
