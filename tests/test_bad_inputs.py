@@ -22,6 +22,7 @@ from tests.helpers import random_documents, random_model_dir, train_tiny_tokeniz
 from trainer.cli import main
 from trainer.errors import UserError
 
+VOCAB = 300
 WORDS = "the cat sat on a mat and the dog ran to the park while birds sang in old green trees".split()
 
 
@@ -40,17 +41,17 @@ def ws(tmp_path_factory):
     lines = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(12 + i % 9)) for i in range(120)]
     (root / "corpus.txt").write_text("\n\n".join(lines) + "\n")
     (root / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
-    tokenizer = train_tiny_tokenizer(root / "tok.model", lines, vocab_size=60)
+    tokenizer = train_tiny_tokenizer(root / "tok.model", lines, vocab_size=VOCAB, hard_vocab_limit=False)
     assert _cli("tokenize", root / "corpus.jsonl", "--tokenizer", tokenizer, "--out", root / "store",
                 "--workers", "1") == 0
-    random_model_dir(root / "model", tokenizer=tokenizer, seed=3, num_layers=2, vocab_size=60)
+    random_model_dir(root / "model", tokenizer=tokenizer, seed=3, num_layers=2, vocab_size=VOCAB)
     assert _cli("fisher", "--model", root / "model", "--data", root / "corpus.txt", "--format", "text", "--out",
                 root / "ewc.safetensors", "--seq-len", "32", "--max-samples", "4", "--device", "cpu",
                 "--quiet") == 0
-    store = write_token_store(root / "train_store", random_documents(60, vocab_size=60, mean_length=20),
-                              vocab_size=60)
+    store = write_token_store(root / "train_store", random_documents(60, vocab_size=VOCAB, mean_length=20),
+                              vocab_size=VOCAB)
     (root / "run.toml").write_text(
-        f'[model]\npreset = "tiny"\nvocab_size = 60\nattention = "eager"\n'
+        f'[model]\npreset = "tiny"\nvocab_size = {VOCAB}\nattention = "eager"\n'
         f'[data]\nstores = ["{store}"]\nseq_len = 16\nbatch_size = 2\n'
         f'[optim]\nmax_steps = 2\n[parallel]\ndevice = "cpu"\n[logging]\nprogress = false\n')
     assert _cli("train", root / "run.toml", "--out", root / "run") == 0
