@@ -27,15 +27,23 @@ def _command(store_path, run_dir) -> list[str]:
             *(arg for o in overrides for arg in ("--set", o))]
 
 
+def _finish(command: list[str], env: dict) -> None:
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def _losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
 def test_killed_at_random_moments_the_run_ends_as_an_uninterrupted_one(tmp_path, store, seed):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # A fresh single-process group in each run: none of the rendezvous this test process may have set up.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                                             "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(REPO)
     start = time.perf_counter()
-    subprocess.run(_command(store, tmp_path / "straight"), check=True, env=env, capture_output=True)
+    _finish(_command(store, tmp_path / "straight"), env)
     wall = time.perf_counter() - start
     expected = _losses(tmp_path / "straight")
     assert len(expected) == 12
@@ -57,6 +65,6 @@ def test_killed_at_random_moments_the_run_ends_as_an_uninterrupted_one(tmp_path,
         assert process.returncode == 0, err.decode()[-2000:]
         break
     else:
-        subprocess.run(_command(store, run_dir), check=True, env=env, capture_output=True)
+        _finish(_command(store, run_dir), env)
     assert kills >= 1
     assert _losses(run_dir) == expected  # every step once, each loss bit-identical

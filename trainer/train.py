@@ -34,6 +34,7 @@ from trainer.data.loader import PackedLoader
 from trainer.distributed import init_distributed
 from trainer.dtypes import DTYPES
 from trainer.errors import UserError
+from trainer.ewc import load_ewc
 from trainer.fileio import atomic_path, check_output, sha256_file
 from trainer.flops import batch_flops_per_token, device_peak_flops
 from trainer.hf import HFCheckpoint, config_to_hf
@@ -114,8 +115,6 @@ def attach_ewc(config: TrainConfig, model, optimizer) -> dict:
     e = config.ewc
     if not e.file:
         return {}
-    from trainer.ewc import load_ewc
-
     if not Path(e.file).is_file():
         raise UserError(f"EWC file {e.file} not found (make it with `gemma-ewc fisher`)")
     state = load_ewc(e.file, model, strict=e.strict_anchor, normalize=e.fisher_normalize,

@@ -26,6 +26,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
+from tqdm import tqdm
 
 from trainer.data.readers import DEFAULT_CHUNK_BYTES, Chunk, expand_inputs, iter_chunks, parse_chunk
 from trainer.data.store import DEFAULT_SHARD_TOKENS, StoreWriter, check_output_dir
@@ -223,8 +224,6 @@ def tokenize_to_store(inputs: Sequence[str | os.PathLike], *, tokenizer: str | o
         progress = sys.stderr.isatty()
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(unit=" docs", desc="tokenize", file=sys.stderr, dynamic_ncols=True)
     sources = [{"path": str(p), "documents": 0, "tokens": 0, "replaced": 0} for p in files]
     chunks = ((i, chunk) for i, p in enumerate(files)  # lazy: read only once the workers run
