@@ -3,13 +3,32 @@
 The Markdown report has two tables, runs × tasks: the scores (each task's primary metric, in percent, ± its
 standard error; perplexity and bits per byte of each text set), and the change relative to the base run
 (percentage points per task, their mean, and the relative change of perplexity): forgetting is negative, gain
-positive. Rows: the base first, then runs by increasing λ. A "Comparability" section lists what differs between
-runs that should not (task files, few-shot counts, context length), so a table never silently mixes setups.
+positive. Rows: the base first, then runs by increasing λ (and replay weight). A "Pareto frontier" section lists the
+runs no other run beats on both the old-knowledge and the new-language metric. A "Comparability" section lists what
+differs between runs that should not (task files, few-shot counts, context length), so a table never silently mixes
+setups.
 
 The base is `--base` (a label or a results file), or else the one run recorded without λ (the pretrained model).
 
-With `--plots DIR` (needs matplotlib): accuracy_vs_lambda.png (one panel per task) and perplexity_vs_lambda.png
-(one panel per text set, i.e. per language), each with the base as a dashed line, like the reference study's figures.
+Old and new: `--old NAME` / `--new NAME` name the old-knowledge and the new-language metric, each a perplexity set
+(its perplexity; lower is better) or a task (its primary score in percent; higher is better). Without them, results
+with exactly two perplexity sets take the first (in the first results file's order) as old and the second as new;
+otherwise there is no Pareto plot or frontier until both are given.
+
+Replay weight: a run whose results carry run.data_weights (copied by eval from the exported model's gemma-ewc.json:
+the data stores' weights, normalised to sum 1) trained on the first store, the new language, mixed with replay of the
+others; its replay weight is the weight of every store but the first, 1 - data_weights[0]. Runs without the field
+(or with null) have none. Runs that share λ but differ in replay are separate points and lines.
+
+With `--plots DIR` (needs matplotlib), all drawn 7 inches wide at 130 dpi so that they stay readable scaled to a
+README's ~700 px:
+- pareto.png: the old metric (y) against the new one (x), one point per run labelled "λ=100, replay 5%", the base a
+  black star, the frontier a line through the non-dominated runs. Better is up and right: a perplexity axis is
+  inverted (its label says so), so the best trade-offs sit in the top right corner.
+- accuracy_vs_lambda.png (one panel per task) and perplexity_vs_lambda.png (one panel per text set): each metric
+  against λ on a log axis; λ = 0 sits one decade left of the smallest positive λ, its tick reads "0" and a "//"
+  break on the axis marks that it is not a point of the log scale. One line per replay weight; the base is a dashed
+  line, like the reference study's figures.
 """
 
 from __future__ import annotations
@@ -25,7 +44,11 @@ from trainer.errors import UserError
 from trainer.fileio import atomic_path
 
 RESULTS_FORMAT = "gemma-ewc/eval-v1"
-PLOT_FILES = ("accuracy_vs_lambda.png", "perplexity_vs_lambda.png")  # what --plots DIR receives
+PLOT_FILES = ("accuracy_vs_lambda.png", "perplexity_vs_lambda.png", "pareto.png")  # what --plots DIR receives
+FIGURE_WIDTH_INCHES = 7.0
+PLOT_DPI = 130  # 7 in × 130 = 910 px: a README's ~700 px scales it by 0.77, so 10 pt text stays ~14 px tall
+PLOT_STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,
+              "ytick.labelsize": 10, "legend.fontsize": 9, "lines.markersize": 7, "lines.linewidth": 1.8}
 
 
 @dataclass
@@ -34,6 +57,31 @@ class Run:
     label: str
     ewc_lambda: float | None
     data: dict
+
+    @property
+    def replay_weight(self) -> float | None:
+        """The weight of every data store but the first (the new language), or None for a single-store run."""
+        weights = self.data.get("run", {}).get("data_weights")
+        return None if weights is None else 1.0 - float(weights[0])
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One axis of the Pareto plot: a perplexity set's perplexity, or a task's primary score in percent."""
+    name: str
+    unit: str  # "perplexity", or the task's primary metric ("acc")
+    lower_is_better: bool
+
+    def value(self, run: Run) -> float | None:
+        if self.lower_is_better:
+            number = ppl_value(run, self.name, "perplexity")
+        else:
+            score = task_score(run, self.name, self.unit)
+            number = None if score is None else 100 * score[0]
+        return None if number is None or math.isnan(number) else number
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.unit})" if self.lower_is_better else f"{self.name} ({self.unit} %)"
 
 
 def _is_number(value) -> bool:
@@ -52,9 +100,13 @@ def _check_fields(path: Path, data: dict) -> None:
         raise bad("lambda", lam, "a number >= 0 or null")
     if not isinstance(data.get("label") or "", str):
         raise bad("label", data["label"], "a string")
-    for field in ("model", "settings", "perplexity", "tasks"):
+    for field in ("model", "settings", "perplexity", "tasks", "run"):
         if not isinstance(data.get(field, {}), dict):
             raise bad(field, data[field], "an object")
+    weights = data.get("run", {}).get("data_weights")
+    if weights is not None and not (isinstance(weights, list) and weights and all(
+            _is_number(w) and 0 <= w <= 1 for w in weights)):
+        raise bad("run.data_weights", weights, "null or a list of weights between 0 and 1, one per data store")
     for name, entry in data.get("perplexity", {}).items():
         if not isinstance(entry, dict):
             raise bad(f"perplexity.{name}", entry, "an object")
@@ -116,7 +168,8 @@ def choose_base(runs: Sequence[Run], base: str | None) -> Run | None:
 
 def order_runs(runs: Sequence[Run], base: Run | None) -> list[Run]:
     rest = [r for r in runs if r is not base]
-    rest.sort(key=lambda r: (r.ewc_lambda is None, r.ewc_lambda if r.ewc_lambda is not None else 0.0, r.label))
+    rest.sort(key=lambda r: (r.ewc_lambda is None, r.ewc_lambda if r.ewc_lambda is not None else 0.0,
+                             r.replay_weight is not None, r.replay_weight or 0.0, r.label))
     return ([base] if base else []) + rest
 
 
@@ -148,10 +201,90 @@ def ppl_value(run: Run, name: str, key: str) -> float | None:
     return None if not p else p.get(key)
 
 
+def _metric_named(runs: Sequence[Run], name: str, flag: str) -> Metric:
+    """A perplexity set wins over a task of the same name (eval keeps the two name spaces apart)."""
+    ppl_sets, tasks = _union(runs, "perplexity"), _union(runs, "tasks")
+    if name in ppl_sets:
+        return Metric(name, "perplexity", lower_is_better=True)
+    if name in tasks:
+        return Metric(name, _primary(runs, name), lower_is_better=False)
+    raise UserError(f"{flag} {name!r} is neither a perplexity set nor a task of the given results (perplexity "
+                    f"sets: {', '.join(ppl_sets) or 'none'}; tasks: {', '.join(tasks) or 'none'})")
+
+
+def choose_old_new(runs: Sequence[Run], *, old: str | None, new: str | None) -> tuple[Metric, Metric] | None:
+    """The old-knowledge and new-language metrics, or None when they are neither given nor implied.
+
+    `runs` in the order the results files were given: with no --old/--new and exactly two perplexity sets, the
+    first set (the first file's order) is old and the second new. With only one of the two options and two
+    perplexity sets, the other option is the other set.
+    """
+    ppl_sets = _union(runs, "perplexity")
+    if old is None and new is None:
+        if len(ppl_sets) != 2:
+            return None
+        old, new = ppl_sets
+    elif old is None or new is None:
+        given, flag, missing = (old, "--old", "--new") if new is None else (new, "--new", "--old")
+        _metric_named(runs, given, flag)
+        others = [name for name in ppl_sets if name != given]
+        if len(ppl_sets) != 2 or len(others) != 1:
+            raise UserError(f"{flag} {given} needs {missing} too (the other option is implied only when the "
+                            f"results have exactly two perplexity sets; they have: {', '.join(ppl_sets) or 'none'})")
+        old, new = (given, others[0]) if new is None else (others[0], given)
+    if old == new:
+        raise UserError(f"--old and --new are both {old!r}: name two different perplexity sets or tasks")
+    return _metric_named(runs, old, "--old"), _metric_named(runs, new, "--new")
+
+
+def pareto_frontier(points: Sequence[tuple[float, float]], *, lower_is_better: tuple[bool, bool]) -> list[int]:
+    """Indices (in input order) of the points no other point dominates.
+
+    A point dominates another when it is at least as good on both coordinates and better on one; "good" per
+    coordinate is lower or higher as `lower_is_better` says. Equal points do not dominate each other, so ties stay
+    on the frontier together.
+    """
+    signs = [-1.0 if lower else 1.0 for lower in lower_is_better]  # each coordinate as "higher is better"
+    scored = [(signs[0] * x, signs[1] * y) for x, y in points]
+
+    def dominates(a, b) -> bool:
+        return a[0] >= b[0] and a[1] >= b[1] and a != b
+
+    return [i for i, p in enumerate(scored) if not any(dominates(q, p) for q in scored)]
+
+
+def pareto_candidates(runs: Sequence[Run], base: Run | None, old: Metric, new: Metric) -> list[Run]:
+    """The runs with both metrics, base excluded: it is the starting point the trade-off is measured from, not a
+    choice of λ (and with the best old score and no training on the new language it would always be on the
+    frontier)."""
+    return [r for r in runs if r is not base and old.value(r) is not None and new.value(r) is not None]
+
+
+def frontier_runs(runs: Sequence[Run], base: Run | None, old: Metric, new: Metric) -> list[Run]:
+    candidates = pareto_candidates(runs, base, old, new)
+    keep = pareto_frontier([(old.value(r), new.value(r)) for r in candidates],
+                           lower_is_better=(old.lower_is_better, new.lower_is_better))
+    return [candidates[i] for i in keep]
+
+
 def _lambda_text(lam: float | None) -> str:
     if lam is None:
         return "–"
     return f"{lam:g}"
+
+
+def _replay_text(weight: float | None) -> str:
+    return "–" if weight is None else f"{100 * weight:.3g}%"
+
+
+def _point_label(run: Run) -> str:
+    """"λ=1e6, replay 5%": compact exponents ("1e+06" -> "1e6") so the labels stay short on the plot."""
+    if run.ewc_lambda is None:
+        text = run.label
+    else:
+        mantissa, _, exponent = f"{run.ewc_lambda:g}".partition("e")
+        text = "λ=" + mantissa + (f"e{int(exponent)}" if exponent else "")
+    return text if run.replay_weight is None else f"{text}, replay {_replay_text(run.replay_weight)}"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -193,29 +326,43 @@ def comparability(runs: Sequence[Run], tasks: Sequence[str], ppl_sets: Sequence[
     for labels in by_weights.values():
         if len(labels) > 1:
             notes.append(f"runs {', '.join(labels)} evaluated the same weights (same model fingerprint)")
-    for key in ("max_length", "stride", "limit"):
+    for key in ("max_length", "context_source", "stride", "limit"):
         values = {r.label: r.data.get("settings", {}).get(key) for r in runs}
         if len(set(map(str, values.values()))) > 1:
             notes.append(f"settings differ in {key}: " + ", ".join(f"{k}: {v}" for k, v in values.items()))
     return notes
 
 
+def _old_new_line(old: Metric, new: Metric) -> str:
+    def better(m: Metric) -> str:
+        return "lower is better" if m.lower_is_better else "higher is better"
+
+    return f"Old knowledge: {old.describe()}, {better(old)}; new language: {new.describe()}, {better(new)}."
+
+
 def render_markdown(runs: Sequence[Run], base: Run | None, *, plots: Sequence[Path] = (),
-                    out_dir: Path | None = None) -> str:
+                    out_dir: Path | None = None, old_new: tuple[Metric, Metric] | None = None) -> str:
     tasks = _union(runs, "tasks")
     ppl_sets = _union(runs, "perplexity")
     metrics = {t: _primary(runs, t) for t in tasks}
+    # The replay column appears only in a replay study, so that single-store reports read as before.
+    with_replay = any(r.replay_weight is not None for r in runs)
+
+    def run_cells(r: Run, name: str) -> list[str]:
+        return [name, _lambda_text(r.ewc_lambda)] + ([_replay_text(r.replay_weight)] if with_replay else [])
+
+    run_header = ["run", "λ"] + (["replay"] if with_replay else [])
     lines = ["# Evaluation report", ""]
     base_text = base.label if base else "none (give --base, or evaluate the pretrained model without --lambda)"
     lines.append(f"{len(runs)} run(s); base: {base_text}.")
     lines.append("Scores in percent (± standard error); perplexity (ppl) per token of the model's tokenizer, "
                  "bits per byte (bpb) independent of it.")
     lines.append("")
-    header = ["run", "λ"] + [f"{t} ({metrics[t]})" for t in tasks]
+    header = run_header + [f"{t} ({metrics[t]})" for t in tasks]
     header += [h for name in ppl_sets for h in (f"{name} ppl", f"{name} bpb")]
     rows = []
     for r in runs:
-        row = [r.label + (" (base)" if r is base else ""), _lambda_text(r.ewc_lambda)]
+        row = run_cells(r, r.label + (" (base)" if r is base else ""))
         for t in tasks:
             s = task_score(r, t, metrics[t])
             if s is None:
@@ -230,10 +377,10 @@ def render_markdown(runs: Sequence[Run], base: Run | None, *, plots: Sequence[Pa
     lines += ["## Scores", "", _table(header, rows), ""]
 
     if base is not None and len(runs) > 1:
-        header = ["run", "λ"] + [f"Δ {t}" for t in tasks] + ["mean Δ"] + [f"Δ {n} ppl" for n in ppl_sets]
+        header = run_header + [f"Δ {t}" for t in tasks] + ["mean Δ"] + [f"Δ {n} ppl" for n in ppl_sets]
         rows = []
         for r in runs[1:]:
-            row = [r.label, _lambda_text(r.ewc_lambda)]
+            row = run_cells(r, r.label)
             deltas = []
             for t in tasks:
                 a, b = task_score(r, t, metrics[t]), task_score(base, t, metrics[t])
@@ -251,30 +398,248 @@ def render_markdown(runs: Sequence[Run], base: Run | None, *, plots: Sequence[Pa
                   "Percentage points (negative: forgetting, positive: gain); perplexity: relative change.", "",
                   _table(header, rows), ""]
 
+    lines += ["## Pareto frontier", ""]
+    if old_new is None:
+        lines += [f"Give --old NAME and --new NAME (a perplexity set or a task) to see which runs trade old "
+                  f"knowledge for the new language best (perplexity sets: {', '.join(ppl_sets) or 'none'}; "
+                  f"tasks: {', '.join(tasks) or 'none'}).", ""]
+    else:
+        old, new = old_new
+        frontier = frontier_runs(runs, base, old, new)
+        lines += [_old_new_line(old, new) + " The runs no other run beats on both (the base is not a candidate):",
+                  ""]
+        if frontier:
+            lines += [_table(run_header + [f"old: {old.describe()}", f"new: {new.describe()}"],
+                             [run_cells(r, r.label) + [f"{old.value(r):.4g}", f"{new.value(r):.4g}"]
+                              for r in frontier]), ""]
+        else:
+            lines += ["No run other than the base has both metrics.", ""]
+
     notes = comparability(runs, tasks, ppl_sets)
     lines += ["## Comparability", ""]
     lines += [f"- {n}" for n in notes] if notes else ["Every run used the same task files, few-shot counts and "
                                                       "settings."]
     lines.append("")
-    lines += ["## Runs", "", _table(["run", "λ", "results", "model", "fingerprint"],
-                                    [[r.label, _lambda_text(r.ewc_lambda), str(r.path), r.data["model"].get("path", ""),
-                                      str(r.data["model"].get("fingerprint", ""))[:16]] for r in runs]), ""]
+    lines += ["## Runs", "", _table(run_header + ["results", "model", "fingerprint"],
+                                    [run_cells(r, r.label) + [str(r.path), r.data["model"].get("path", ""),
+                                                              str(r.data["model"].get("fingerprint", ""))[:16]]
+                                     for r in runs]), ""]
     if plots:
         lines += ["## Plots", ""]
+        if old_new is not None and any(p.name == PLOT_FILES[2] for p in plots):
+            lines += [f"Pareto plot: {_old_new_line(*old_new)} Better is up and right.", ""]
         for p in plots:
             rel = os.path.relpath(p, out_dir) if out_dir else str(p)
             lines += [f"![{p.stem}]({rel})", ""]
     return "\n".join(lines)
 
 
-def _lambda_axis(ax, lambdas: Sequence[float]) -> None:
+@dataclass(frozen=True)
+class LambdaAxis:
+    """Where each λ sits on a log x axis: λ = 0 cannot, so it takes the place `zero_at`, one decade below the
+    smallest positive λ's decade, with its own tick "0" and an axis break (`break_at`) between it and the rest."""
+    zero_at: float
+    ticks: tuple[tuple[float, str], ...]  # (position, label)
+    break_at: float | None  # None when no λ is 0
+    limits: tuple[float, float]
+
+    def position(self, ewc_lambda: float) -> float:
+        return self.zero_at if ewc_lambda == 0 else ewc_lambda
+
+
+def lambda_axis(lambdas: Sequence[float]) -> LambdaAxis:
     positive = [x for x in lambdas if x > 0]
-    if positive and max(positive) / min(positive) >= 100:
-        ax.set_xscale("symlog", linthresh=min(positive))
-    ax.set_xlabel("EWC λ")
+    has_zero = any(x == 0 for x in lambdas)
+    if not positive:
+        return LambdaAxis(1.0, ((1.0, "0"),), None, (10 ** -0.5, 10 ** 0.5))
+    low, high = math.floor(math.log10(min(positive))), math.floor(math.log10(max(positive)))
+    step = max(1, math.ceil((high - low + 1) / 7))  # at most ~7 decade labels: 10^0 ... 10^12 would crowd 700 px
+    ticks = [(10.0 ** k, f"$10^{{{k}}}$") for k in range(low, high + 1, step)]
+    zero_at = 10.0 ** (low - 1)
+    if has_zero:
+        ticks.insert(0, (zero_at, "0"))
+    left = (zero_at if has_zero else min(positive)) / 10 ** 0.4
+    return LambdaAxis(zero_at, tuple(ticks), 10.0 ** (low - 0.5) if has_zero else None,
+                      (left, max(positive) * 10 ** 0.4))
 
 
-def draw_plots(runs: Sequence[Run], base: Run | None, out_dir: Path) -> list[Path]:
+def _apply_lambda_axis(ax, axis: LambdaAxis) -> None:
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
+    from matplotlib.transforms import blended_transform_factory
+
+    ax.set_xscale("log")
+    ax.set_xlim(*axis.limits)
+    ax.xaxis.set_major_locator(FixedLocator([p for p, _ in axis.ticks]))
+    ax.xaxis.set_major_formatter(FixedFormatter([text for _, text in axis.ticks]))
+    ax.xaxis.set_minor_locator(NullLocator())
+    if axis.break_at is not None:  # "//" over the bottom spine: λ = 0 is not a point of the log scale
+        ax.text(axis.break_at, 0, "//", transform=blended_transform_factory(ax.transData, ax.transAxes),
+                ha="center", va="center", fontsize=11, clip_on=False, zorder=5,
+                bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})
+    ax.set_xlabel("EWC λ (log scale; 0 at the left)")
+
+
+def _replay_groups(runs: Sequence[Run]) -> dict[float | None, list[Run]]:
+    groups: dict[float | None, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.replay_weight, []).append(r)
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0] is not None, kv[0] or 0.0)))
+
+
+def _base_legend(base: Run) -> str:
+    return "base" if base.label == "base" else f"base ({base.label})"
+
+
+def _replay_legend(weight: float | None) -> str:
+    return "no replay" if weight is None else f"replay {_replay_text(weight)}"
+
+
+def _place_labels(ax, points: Sequence[tuple[float, float]], texts: Sequence[str]) -> None:
+    """Annotate each point, trying offsets around it until the label overlaps no other label or point and stays
+    inside the axes; the first offset when none fits. Call after the limits and layout are final."""
+    from matplotlib.transforms import Bbox
+
+    renderer = ax.figure.canvas.get_renderer()
+    marker_px = 9 * ax.figure.dpi / 72
+    taken = [Bbox.from_bounds(cx - marker_px / 2, cy - marker_px / 2, marker_px, marker_px)
+             for cx, cy in (ax.transData.transform(point) for point in points)]
+    if ax.get_legend() is not None:
+        taken.append(ax.get_legend().get_window_extent(renderer))
+    offsets = ((7, 5, "left", "bottom"), (7, -5, "left", "top"), (-7, 5, "right", "bottom"),
+               (-7, -5, "right", "top"), (0, 11, "center", "bottom"), (0, -11, "center", "top"))
+
+    def annotate(x, y, text, offset):
+        dx, dy, ha, va = offset
+        note = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va, fontsize=9,
+                           zorder=6)
+        return note, note.get_window_extent(renderer).padded(2)
+
+    for (x, y), text in zip(points, texts):
+        for offset in offsets:
+            note, box = annotate(x, y, text, offset)
+            inside = ax.bbox.x0 <= box.x0 and box.x1 <= ax.bbox.x1 and ax.bbox.y0 <= box.y0 and box.y1 <= ax.bbox.y1
+            if inside and not any(box.overlaps(other) for other in taken):
+                break
+            note.remove()
+        else:  # nothing fits: the first offset after all
+            note, box = annotate(x, y, text, offsets[0])
+        taken.append(box)
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=PLOT_DPI)
+
+
+def _draw_lambda_panels(plt, names, value, ylabel, title, swept: Sequence[Run], base: Run | None, path: Path, *,
+                        log_when_wide: bool) -> bool:
+    if not names:
+        return False
+    cols = min(2, len(names))
+    rows = math.ceil(len(names) / cols)
+    height = 4.2 if cols == 1 else 3.4
+    fig, axes = plt.subplots(rows, cols, figsize=(FIGURE_WIDTH_INCHES, height * rows + 0.5), squeeze=False,
+                             dpi=PLOT_DPI)
+    groups = _replay_groups(swept)
+    for ax, name in zip(axes.flat, names):
+        measured = [r for r in swept if value(r, name) is not None]
+        axis = lambda_axis([r.ewc_lambda for r in measured])
+        for marker, (weight, group) in zip("osD^v<>", groups.items()):
+            points = sorted((axis.position(r.ewc_lambda), value(r, name)) for r in group if r in measured)
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker,
+                        label=_replay_legend(weight) if len(groups) > 1 or weight is not None else None)
+        _apply_lambda_axis(ax, axis)
+        b = value(base, name) if base is not None else None
+        if b is not None:
+            ax.axhline(b, linestyle="--", color="gray", label=_base_legend(base))
+        if log_when_wide:
+            _log_scale_if_wide(ax, "y", [value(r, name) for r in measured] + ([b] if b is not None else []))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="best")
+        ax.set_title(name)
+        ax.set_ylabel(ylabel(name))
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def _axis_label(role: str, metric: Metric, direction: str) -> str:
+    if metric.lower_is_better:
+        return f"{role}: {metric.describe()}\nlower is better, axis inverted: better {direction}"
+    return f"{role}: {metric.describe()}\nbetter {direction}"
+
+
+def _draw_pareto(plt, runs: Sequence[Run], base: Run | None, old: Metric, new: Metric, path: Path) -> bool:
+    """Old metric on y, new on x; a perplexity axis is inverted (and logarithmic when wide) so that better is
+    always up and right."""
+    candidates = pareto_candidates(runs, base, old, new)
+    base_point = None if base is None or old.value(base) is None or new.value(base) is None else \
+        (new.value(base), old.value(base))
+    if not candidates and base_point is None:
+        return False
+    fig, ax = plt.subplots(figsize=(FIGURE_WIDTH_INCHES, 5.4), dpi=PLOT_DPI)
+    for marker, (weight, group) in zip("osD^v<>", _replay_groups(candidates).items()):
+        ax.scatter([new.value(r) for r in group], [old.value(r) for r in group], marker=marker, s=55, zorder=3,
+                   label=_replay_legend(weight))
+    frontier = frontier_runs(runs, base, old, new)
+    if frontier:
+        line = sorted((new.value(r), old.value(r)) for r in frontier)
+        ax.plot([p[0] for p in line], [p[1] for p in line], color="black", linewidth=1.2, zorder=2,
+                label="Pareto frontier")
+        ax.scatter([p[0] for p in line], [p[1] for p in line], s=160, facecolors="none", edgecolors="black",
+                   linewidths=1.2, zorder=4)
+    if base_point is not None:
+        ax.scatter([base_point[0]], [base_point[1]], marker="*", s=260, color="black", zorder=5,
+                   label=_base_legend(base))
+    everything = [(new.value(r), old.value(r)) for r in candidates] + ([base_point] if base_point else [])
+    for metric, which, values in ((new, "x", [p[0] for p in everything]), (old, "y", [p[1] for p in everything])):
+        if metric.lower_is_better:
+            _log_scale_if_wide(ax, which, values)
+    ax.margins(0.15)
+    ax.autoscale_view()
+    ax.set_xlim(*ax.get_xlim())  # fixed now, so that the label placement below sees the final transform
+    ax.set_ylim(*ax.get_ylim())
+    if new.lower_is_better:
+        ax.invert_xaxis()
+    if old.lower_is_better:
+        ax.invert_yaxis()
+    ax.set_xlabel(_axis_label("new", new, "→"))
+    ax.set_ylabel(_axis_label("old", old, "↑"))
+    ax.set_title("Old knowledge vs new language, one point per run")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower left", framealpha=0.9)
+    fig.tight_layout()
+    _place_labels(ax, [(new.value(r), old.value(r)) for r in candidates] + ([base_point] if base_point else []),
+                  [_point_label(r) for r in candidates] + (["base"] if base_point else []))
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def _log_scale_if_wide(ax, which: str, values: Sequence[float]) -> None:
+    """A log scale for a perplexity axis that spans a factor of 4 or more (a base that never saw the new language
+    would squash every run into a corner), ticked with plain numbers ("20", "50") , at 1, 2, 3 and 5 per decade, rather than 2×10^1."""
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    if not values or min(values) <= 0 or max(values) / min(values) < 4:
+        return
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+    formatter = ScalarFormatter()
+    formatter.set_scientific(False)
+    axis.set_major_formatter(formatter)
+    axis.set_minor_formatter(NullFormatter())
+
+
+def draw_plots(runs: Sequence[Run], base: Run | None, out_dir: Path, *,
+               old_new: tuple[Metric, Metric] | None = None) -> list[Path]:
     try:
         import matplotlib
 
@@ -287,53 +652,33 @@ def draw_plots(runs: Sequence[Run], base: Run | None, out_dir: Path) -> list[Pat
         raise UserError("--plots needs at least one run with a lambda (evaluate with --lambda)")
     tasks, ppl_sets = _union(runs, "tasks"), _union(runs, "perplexity")
     metrics = {t: _primary(runs, t) for t in tasks}
-    written = []
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    def panels(names, value, ylabel, title, filename):
-        if not names:
-            return
-        cols = min(3, len(names))
-        rows = math.ceil(len(names) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.4 * rows), squeeze=False)
-        for ax, name in zip(axes.flat, names):
-            points = sorted((r.ewc_lambda, value(r, name)) for r in swept if value(r, name) is not None)
-            if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
-                _lambda_axis(ax, [p[0] for p in points])
-            b = value(base, name) if base is not None else None
-            if b is not None:
-                ax.axhline(b, linestyle="--", color="gray", label=f"base ({base.label})")
-                ax.legend(fontsize="small")
-            ax.set_title(name)
-            ax.set_ylabel(ylabel(name))
-            ax.grid(True, alpha=0.3)
-        for ax in list(axes.flat)[len(names):]:
-            ax.axis("off")
-        fig.suptitle(title)
-        fig.tight_layout()
-        path = out_dir / filename
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
-        written.append(path)
 
     def task_value(r, t):
         s = task_score(r, t, metrics[t])
         return None if s is None else 100 * s[0]
 
-    panels(tasks, task_value, lambda t: f"{metrics[t]} (%)", "Accuracy vs EWC λ", PLOT_FILES[0])
-    panels(ppl_sets, lambda r, n: ppl_value(r, n, "perplexity"), lambda n: "perplexity",
-           "Perplexity vs EWC λ", PLOT_FILES[1])
+    written = []
+    with plt.rc_context(PLOT_STYLE):
+        if _draw_lambda_panels(plt, tasks, task_value, lambda t: f"{metrics[t]} (%)", "Accuracy vs EWC λ", swept,
+                               base, out_dir / PLOT_FILES[0], log_when_wide=False):
+            written.append(out_dir / PLOT_FILES[0])
+        if _draw_lambda_panels(plt, ppl_sets, lambda r, n: ppl_value(r, n, "perplexity"), lambda n: "perplexity",
+                               "Perplexity vs EWC λ", swept, base, out_dir / PLOT_FILES[1], log_when_wide=True):
+            written.append(out_dir / PLOT_FILES[1])
+        if old_new is not None and _draw_pareto(plt, runs, base, *old_new, out_dir / PLOT_FILES[2]):
+            written.append(out_dir / PLOT_FILES[2])
     return written
 
 
-def write_report(paths: Sequence[Path], *, out: Path, plots: Path | None = None, base: str | None = None) -> list[Path]:
+def write_report(paths: Sequence[Path], *, out: Path, plots: Path | None = None, base: str | None = None,
+                 old: str | None = None, new: str | None = None) -> list[Path]:
     runs = load_runs(paths)
+    old_new = choose_old_new(runs, old=old, new=new)  # before ordering: the defaults follow the files' order
     base_run = choose_base(runs, base)
     runs = order_runs(runs, base_run)
-    images = draw_plots(runs, base_run, plots) if plots is not None else []
-    text = render_markdown(runs, base_run, plots=images, out_dir=out.parent)
+    images = draw_plots(runs, base_run, plots, old_new=old_new) if plots is not None else []
+    text = render_markdown(runs, base_run, plots=images, out_dir=out.parent, old_new=old_new)
     with atomic_path(out) as tmp:
         tmp.write_text(text + "\n")
     return [out, *images]
