@@ -278,11 +278,11 @@ def _replay_text(weight: float | None) -> str:
 
 
 def _point_label(run: Run) -> str:
-    """"λ=1e6, replay 5%": compact exponents ("1e+06" -> "1e6") so the labels stay short on the plot."""
+    """"λ=1e6, replay 5%": three digits and compact exponents (10000 -> "1e4") so the labels stay short."""
     if run.ewc_lambda is None:
         text = run.label
     else:
-        mantissa, _, exponent = f"{run.ewc_lambda:g}".partition("e")
+        mantissa, _, exponent = f"{run.ewc_lambda:.3g}".partition("e")
         text = "λ=" + mantissa + (f"e{int(exponent)}" if exponent else "")
     return text if run.replay_weight is None else f"{text}, replay {_replay_text(run.replay_weight)}"
 
@@ -624,7 +624,8 @@ def _draw_pareto(plt, runs: Sequence[Run], base: Run | None, old: Metric, new: M
 
 def _log_scale_if_wide(ax, which: str, values: Sequence[float]) -> None:
     """A log scale for a perplexity axis that spans a factor of 4 or more (a base that never saw the new language
-    would squash every run into a corner), ticked with plain numbers ("20", "50") , at 1, 2, 3 and 5 per decade, rather than 2×10^1."""
+    would squash every run into a corner), ticked at 1, 2, 3 and 5 per decade with plain numbers ("20", "50")
+    rather than 2×10^1."""
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     if not values or min(values) <= 0 or max(values) / min(values) < 4:
