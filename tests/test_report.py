@@ -213,6 +213,8 @@ def test_lambda_axis_puts_zero_at_the_left_edge_with_its_own_tick():
     assert lambda_axis([0.5, 0.0]).zero_at == pytest.approx(0.01)
     without_zero = lambda_axis([10.0, 1000.0])
     assert without_zero.break_at is None and "0" not in [t for _, t in without_zero.ticks]
+    one_decade = lambda_axis([300.0, 500.0])  # its only tick, 10^2, lies below both points yet in view
+    assert one_decade.ticks == ((100.0, "$10^{2}$"),) and one_decade.limits[0] < 100.0 < 500.0 < one_decade.limits[1]
     only_zero = lambda_axis([0.0])
     assert only_zero.ticks == ((only_zero.zero_at, "0"),)
 

@@ -458,7 +458,7 @@ def lambda_axis(lambdas: Sequence[float]) -> LambdaAxis:
     zero_at = 10.0 ** (low - 1)
     if has_zero:
         ticks.insert(0, (zero_at, "0"))
-    left = (zero_at if has_zero else min(positive)) / 10 ** 0.4
+    left = (zero_at if has_zero else 10.0 ** low) / 10 ** 0.4  # the first decade tick stays in view
     return LambdaAxis(zero_at, tuple(ticks), 10.0 ** (low - 0.5) if has_zero else None,
                       (left, max(positive) * 10 ** 0.4))
 
