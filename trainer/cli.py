@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "train": "train (one process, or under torchrun for many)",
     "eval": "perplexity, bits per byte and benchmark accuracy of a model",
     "report": "compare eval results of several runs: table and plots",
+    "sweep": "the λ study: train, export and eval every combination of a grid, then one report",
     "export": "export a training checkpoint as a Hugging Face Gemma2 directory",
     "bench": "side-by-side benchmarks: optimizer, train, data",
     "profile": "torch.profiler trace and top-kernel table of a few training steps",

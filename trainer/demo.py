@@ -1,44 +1,45 @@
 """The demo: the whole pipeline on CPU in minutes, on the project's own synthetic texts (`gemma-ewc demo`,
 trainer/commands/demo.py).
 
-    rows = demo(Path("runs/demo"), DemoSettings(), lam=100.0)   # [{model, lambda, ppl_a, ppl_b}] per model
+    rows = demo(Path("runs/demo"), DemoSettings())   # [{model, lambda, ppl_a, ppl_b}]: the base, then each λ
 
 1. Texts A and B (default: two synthetic languages, trainer/synthetic.py), each split into train and held-out.
 2. A SentencePiece tokenizer trained on both; `gemma-ewc tokenize` turns each training text into a token store.
-3. A small Gemma2 is pretrained on A (`gemma-ewc train`) and exported: the "base" model.
+3. A small Gemma2 is pretrained on A (`gemma-ewc train base.toml`) and exported: the "base" model.
 4. Its Fisher is estimated on A (`gemma-ewc fisher --format text`, normalised to mean 1).
-5. The base continues on B twice: with λ = 0 (plain continued pretraining) and with λ > 0 (EWC).
-6. All three are evaluated on held-out A and B (`gemma-ewc eval --ppl`); `gemma-ewc report` writes the table and
-   the perplexity-vs-λ plot.
+5. `gemma-ewc sweep continue.toml --grid ewc.lambda=...`: the base continues on B once per λ (λ = 0 is plain
+   continued pretraining), each run is exported and evaluated on held-out A and B with the base model, and
+   `gemma-ewc report` writes the tables, the Pareto plot (A against B) and the perplexity-vs-λ plot.
 
-Every stage is the real command a user would run (printed as it starts), so the demo's outputs double as a
-worked example. The expected picture, as in the reference study: λ = 0 learns B and forgets A; λ > 0 forgets much
-less of A while still learning B.
+Every stage is the real command a user would run (printed as it starts), and the two configs stay in the output
+folder, so the demo doubles as a worked example. The expected picture, as in the reference study: λ = 0 learns B
+and forgets A; growing λ trades the one for the other, until a large λ holds the model at the base.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shlex
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import sentencepiece as spm
+import torch
 
-from trainer import cli
-from trainer.config import load_config
 from trainer.data.readers import read_documents
-from trainer.distributed import process_group_scope
 from trainer.errors import UserError
+from trainer.model import Gemma2, Gemma2Config
 from trainer.synthetic import generate
-from trainer.train import train
+from trainer.sweep import BASE, run_stage
 
 
 @dataclass(frozen=True)
 class DemoSettings:
     documents: int = 1600  # per language
     heldout_fraction: float = 0.1
+    heldout_max_chars: int = 60_000  # per text: scoring long real texts would dominate the demo's time
     vocab_size: int = 512
     seq_len: int = 128
     batch_size: int = 16
@@ -46,7 +47,7 @@ class DemoSettings:
     pretrain_lr: float = 3e-3
     continue_steps: int = 150
     continue_lr: float = 1e-3
-    ewc_lambda: float = 100.0
+    lambdas: tuple[float, ...] = (0.0, 1.0, 10.0, 100.0)  # the sweep's grid
     fisher_samples: int = 256
 
 
@@ -59,6 +60,37 @@ def _split(documents: list[str], fraction: float) -> tuple[list[str], list[str]]
     if cut >= len(documents):
         raise UserError(f"need at least 2 documents per text to hold some out, got {len(documents)}")
     return documents[:cut], documents[cut:]
+
+
+def _at_most(documents: list[str], chars: int) -> list[str]:
+    """The first documents, up to `chars` characters in all (at least one)."""
+    kept, total = [], 0
+    for doc in documents:
+        if kept and total + len(doc) > chars:
+            break
+        kept.append(doc)
+        total += len(doc)
+    return kept
+
+
+def estimate_seconds(settings: DemoSettings, runs: int) -> float:
+    """The demo's time on this machine, from two timed training steps of its model (a rough guide: +-30%)."""
+    s = settings
+    model = Gemma2(Gemma2Config.preset("tiny", vocab_size=s.vocab_size), attention_backend="eager")
+    model.init_weights()
+    ids = torch.randint(0, s.vocab_size, (s.batch_size, s.seq_len))
+    times = []
+    for _ in range(3):  # the first one warms up
+        start = time.perf_counter()
+        model(ids, labels=ids).backward()
+        times.append(time.perf_counter() - start)
+    step = min(times[1:]) * 1.25  # the optimizer step, the loader and logging
+    steps = s.pretrain_steps + runs * s.continue_steps
+    # Fisher ~ a forward + backward per sample row; evaluation ~ a forward (a third of a step) per held-out token
+    # for each model; about 3 s of start-up per stage.
+    fisher = s.fisher_samples / s.batch_size * step
+    scoring = (runs + 1) * 2 * s.heldout_max_chars / 4 / (s.batch_size * s.seq_len) * step / 3
+    return steps * step + fisher + scoring + 3 * (6 + 3 * runs)
 
 
 def _write_documents(path: Path, documents: list[str]) -> Path:
@@ -77,6 +109,7 @@ def _texts(text_a: str | None, text_b: str | None, settings: DemoSettings, out: 
         else:
             docs = generate(key, documents=settings.documents, seed=0)
         train, heldout = _split(docs, settings.heldout_fraction)
+        heldout = _at_most(heldout, settings.heldout_max_chars)
         texts[key] = {"train": _write_documents(out / "texts" / f"{key}_train.txt", train),
                       "heldout": _write_documents(out / "texts" / f"{key}_heldout.txt", heldout)}
     return texts
@@ -92,69 +125,64 @@ def _train_tokenizer(texts, settings: DemoSettings, out: Path) -> Path:
     return prefix.with_suffix(".model")
 
 
-def _cli(*argv: str) -> None:
-    print(f"\n$ gemma-ewc {shlex.join(argv)}", flush=True)
-    code = cli.main(list(argv))
-    if code:
-        raise UserError(f"the demo stage `gemma-ewc {argv[0]}` failed (exit {code})")
+def _toml_config(path: Path, sections: dict[str, dict]) -> Path:
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
 
 
-def _train(out: Path, name: str, overrides: list[str]) -> None:
-    print(f"\n$ gemma-ewc train --out {out / 'runs' / name} " + " ".join(f"--set {o}" for o in overrides),
-          flush=True)
-    config = load_config(None, overrides)
-    with process_group_scope():
-        train(config, out / "runs" / name)
-
-
-def demo(out: Path, settings: DemoSettings, *, lam: float, text_a: str | None = None,
+def demo(out: Path, settings: DemoSettings, *, lambdas: Sequence[float] | None = None, text_a: str | None = None,
          text_b: str | None = None) -> list[dict]:
-    """Run every stage into `out`; returns the summary rows (base, λ = 0, λ > 0)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Run every stage into `out`; returns the summary rows (the base, then one per λ, in λ order)."""
     s = settings
-    (out / MARKER).write_text(json.dumps({"settings": dataclasses.asdict(s), "lambda": lam, "text_a": text_a,
+    lambdas = sorted({0.0, *(s.lambdas if lambdas is None else lambdas)})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps({"settings": dataclasses.asdict(s), "lambdas": lambdas, "text_a": text_a,
                                           "text_b": text_b}, indent=2) + "\n")
+    estimate = estimate_seconds(s, len(lambdas))
+    print(f"# demo: {len(lambdas)} continued runs (λ = {', '.join(f'{x:g}' for x in lambdas)}); estimated "
+          f"{estimate / 60:.1f} minutes on this machine", flush=True)
     texts = _texts(text_a, text_b, s, out)
     tokenizer = _train_tokenizer(texts, s, out)
     for key in ("a", "b"):
-        _cli("tokenize", str(texts[key]["train"]), "--tokenizer", str(tokenizer), "--out", str(out / "data" / key),
-             "--workers", "1", "--overwrite")
-    common = ["model.preset=tiny", f"model.vocab_size={s.vocab_size}", "model.attention=eager",
-              f"data.tokenizer='{tokenizer}'", f"data.seq_len={s.seq_len}", f"data.batch_size={s.batch_size}",
-              "optim.warmup=0.05", "optim.weight_decay=0.0", "optim.min_lr_ratio=0.1", "checkpoint.keep=1",
-              "logging.every=10", "parallel.device=cpu"]
-    _train(out, "base", common + [f"data.stores=['{out / 'data' / 'a'}']", f"optim.max_steps={s.pretrain_steps}",
-                                  f"optim.lr={s.pretrain_lr}"])
-    _cli("export", str(out / "runs" / "base"), "--out", str(out / "models" / "base"), "--dtype", "float32",
-         "--tokenizer", str(tokenizer))
+        run_stage(["tokenize", str(texts[key]["train"]), "--tokenizer", str(tokenizer), "--out",
+                   str(out / "data" / key), "--workers", "1", "--overwrite"])
+    common = {
+        "data": {"tokenizer": str(tokenizer), "seq_len": s.seq_len, "batch_size": s.batch_size},
+        "optim": {"warmup": 0.05, "weight_decay": 0.0, "min_lr_ratio": 0.1},
+        "parallel": {"device": "cpu"}, "checkpoint": {"keep": 1}, "logging": {"every": 10},
+    }
+    base = _toml_config(out / "base.toml", {
+        "model": {"preset": "tiny", "vocab_size": s.vocab_size, "attention": "eager"},
+        "data": {**common["data"], "stores": [str(out / "data" / "a")]},
+        "optim": {**common["optim"], "max_steps": s.pretrain_steps, "lr": s.pretrain_lr},
+        **{k: v for k, v in common.items() if k not in ("data", "optim")}})
+    run_stage(["train", str(base), "--out", str(out / "runs" / "base")])
+    run_stage(["export", str(out / "runs" / "base"), "--out", str(out / "models" / "base"), "--dtype", "float32",
+               "--tokenizer", str(tokenizer)])
     ewc_file = out / "ewc.safetensors"
-    _cli("fisher", "--model", str(out / "models" / "base"), "--data", str(texts["a"]["train"]), "--format", "text",
-         "--out", str(ewc_file), "--seq-len", str(s.seq_len), "--batch-size", "8", "--max-samples",
-         str(s.fisher_samples), "--normalize", "mean", "--fisher-dtype", "float32", "--anchor-dtype", "float32",
-         "--device", "cpu", "--quiet")
-    runs = {"lambda0": 0.0, "ewc": lam}
-    for name, value in runs.items():
-        overrides = common + [f"model.pretrained='{out / 'models' / 'base'}'",
-                              f"data.stores=['{out / 'data' / 'b'}']", f"optim.max_steps={s.continue_steps}",
-                              f"optim.lr={s.continue_lr}"]
-        if value > 0:
-            overrides += [f"ewc.file='{ewc_file}'", f"ewc.lambda={value}", "ewc.anchor_dtype=float32"]
-        _train(out, name, overrides)
-        _cli("export", str(out / "runs" / name), "--out", str(out / "models" / name), "--dtype", "float32",
-             "--tokenizer", str(tokenizer))
-    results = []
-    for name, value in [("base", None), *runs.items()]:
-        result = out / "results" / f"{name}.json"
-        extra = ["--lambda", repr(value)] if value is not None else []
-        _cli("eval", "--model", str(out / "models" / name), "--ppl", f"A={texts['a']['heldout']}",
-             f"B={texts['b']['heldout']}", "--out", str(result), "--label", name, "--device", "cpu", *extra)
-        results.append(result)
-    # The plots go beside the demo's other outputs, into its own (non-empty) folder.
-    _cli("report", *map(str, results), "--out", str(out / "report.md"), "--plots", str(out), "--base", "base",
-         "--overwrite")
-    table = summary_table(results)
-    (out / "summary.json").write_text(json.dumps(table, indent=2) + "\n")
-    return table
+    run_stage(["fisher", "--model", str(out / "models" / "base"), "--data", str(texts["a"]["train"]), "--format",
+               "text", "--out", str(ewc_file), "--seq-len", str(s.seq_len), "--batch-size", "8", "--max-samples",
+               str(s.fisher_samples), "--normalize", "mean", "--fisher-dtype", "float32", "--anchor-dtype",
+               "float32", "--device", "cpu", "--quiet"])
+    continued = _toml_config(out / "continue.toml", {
+        "model": {"pretrained": str(out / "models" / "base"), "attention": "eager"},
+        "data": {**common["data"], "stores": [str(out / "data" / "b")]},
+        "optim": {**common["optim"], "max_steps": s.continue_steps, "lr": s.continue_lr},
+        "ewc": {"file": str(ewc_file), "anchor_dtype": "float32"},
+        **{k: v for k, v in common.items() if k not in ("data", "optim")}})
+    grid = ",".join(f"{lam:g}" for lam in lambdas)
+    run_stage(["sweep", str(continued), "--out", str(out / "sweep"), "--grid", f"ewc.lambda={grid}",
+               "--eval", "--ppl", f"A={texts['a']['heldout']}",
+               f"B={texts['b']['heldout']}", "--device", "cpu"])
+    results = sorted((out / "sweep" / "results").glob("*.json"))
+    rows = summary_table([p for p in results if p.stem == BASE] + [p for p in results if p.stem != BASE])
+    (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
 
 
 def summary_table(result_files: list[Path]) -> list[dict]:
