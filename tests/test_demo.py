@@ -21,8 +21,8 @@ def test_short_demo_shows_less_forgetting_with_ewc(tmp_path):
     assert plain["ppl_b"] < base["ppl_b"] and plain["ppl_a"] > 1.2 * base["ppl_a"]
     assert ewc["ppl_a"] - base["ppl_a"] < 0.5 * (plain["ppl_a"] - base["ppl_a"])
     assert ewc["ppl_b"] < 0.5 * base["ppl_b"]
-    for name in ("sweep/report.md", "sweep/perplexity_vs_lambda.png", "ewc.safetensors", "summary.json",
-                 "base.toml", "continue.toml", "sweep/runs/001-lambda=100/metrics.jsonl",
+    for name in ("sweep/report.md", "sweep/perplexity_vs_lambda.png", "sweep/pareto.png", "ewc.safetensors",
+                 "summary.json", "base.toml", "continue.toml", "sweep/runs/001-lambda=100/metrics.jsonl",
                  "sweep/models/001-lambda=100/model.safetensors"):
         assert (tmp_path / name).is_file(), name
     assert json.loads((tmp_path / "summary.json").read_text()) == rows

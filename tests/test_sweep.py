@@ -115,6 +115,7 @@ def test_a_killed_sweep_resumes_and_reports(study, tmp_path, capsys):
         assert steps == list(range(1, 7))
     report = (out / "report.md").read_text()
     assert "000-lambda=0" in report and "001-lambda=100" in report and (out / "perplexity_vs_lambda.png").is_file()
+    assert "## Pareto frontier" in report and (out / "pareto.png").is_file()
     # EWC holds A closer to the base than λ = 0 does (the direction of the effect, not its size).
     ppl = {k: v["perplexity"]["A"]["perplexity"] for k, v in results.items()}
     assert ppl["001-lambda=100"] < ppl["000-lambda=0"]

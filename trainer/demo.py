@@ -177,7 +177,7 @@ def demo(out: Path, settings: DemoSettings, *, lambdas: Sequence[float] | None =
         **{k: v for k, v in common.items() if k not in ("data", "optim")}})
     grid = ",".join(f"{lam:g}" for lam in lambdas)
     run_stage(["sweep", str(continued), "--out", str(out / "sweep"), "--grid", f"ewc.lambda={grid}",
-               "--eval", "--ppl", f"A={texts['a']['heldout']}",
+               "--old", "A", "--new", "B", "--eval", "--ppl", f"A={texts['a']['heldout']}",
                f"B={texts['b']['heldout']}", "--device", "cpu"])
     results = sorted((out / "sweep" / "results").glob("*.json"))
     rows = summary_table([p for p in results if p.stem == BASE] + [p for p in results if p.stem != BASE])
