@@ -185,6 +185,9 @@ def test_eval_scores_at_the_trained_context_unless_asked(model_dir, texts, tmp_p
     assert res["run"] == {} and res["settings"]["context_source"] == "max_position_embeddings"
     assert res["settings"]["max_length"] == config["max_position_embeddings"]
 
+    gsm8k = BENCH / "gsm8k" / "gsm8k_test.jsonl"
+    assert "--max-new-tokens (256) must be below the context 16 tokens (trained seq_len" in _error_of(
+        base + ["--model", str(trained), "--tasks", str(gsm8k), "--limit", "1"], capsys)
     (trained / "gemma-ewc.json").write_text(json.dumps({**run, "seq_len": "long"}))
     assert 'gemma-ewc.json: "seq_len" must be a positive integer' in _error_of(base + ["--model", str(trained)],
                                                                               capsys)

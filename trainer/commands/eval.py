@@ -6,6 +6,8 @@ byte and benchmark accuracy of a model, offline.
 
 Every input is read before the model is loaded, so a bad file fails in seconds; then each perplexity input and
 each task is scored (trainer.evaluate: perplexity, runner) and the results JSON written (runner.write_results).
+The context is the sequence length the model was trained at (DIR/gemma-ewc.json, written by `gemma-ewc export`)
+unless --max-length says otherwise (runner.evaluation_context); eval prints which one it used.
 """
 
 from __future__ import annotations
@@ -144,6 +146,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"gemma-ewc eval: warning: {context.warning}", file=sys.stderr)
     print(f"gemma-ewc eval: {context.description}", file=sys.stderr)
     max_length = context.max_length
+    if any(t.type.generation for t in tasks) and args.max_new_tokens >= max_length:
+        raise UserError(f"--max-new-tokens ({args.max_new_tokens}) must be below the {context.description}: lower "
+                        f"--max-new-tokens or give --max-length")
     stride = args.stride or max(max_length // 2, 1)
     if stride > max_length:
         raise UserError(f"--stride ({stride}) cannot exceed --max-length ({max_length})")
