@@ -158,8 +158,8 @@ def run(args: argparse.Namespace) -> int:
     label = args.label or meta.get("label") or model_dir.resolve().name
     ewc_lambda = args.ewc_lambda if args.ewc_lambda is not None else meta.get("ewc_lambda", meta.get("lambda"))
     settings = {"device": str(device), "dtype": dtype_name(dtype), "attention": args.attention,
-                "max_length": max_length, "context_source": context.source, "stride": stride, "row_tokens": options.row_tokens,
-                "batch_rows": options.batch_rows, "fixed_shape": options.fixed_shape,
+                "max_length": max_length, "context_source": context.source, "stride": stride,
+                "row_tokens": options.row_tokens, "batch_rows": options.batch_rows, "fixed_shape": options.fixed_shape,
                 "max_new_tokens": args.max_new_tokens, "limit": args.limit}
     results = runner.new_results(model_dir=model_dir, fingerprint=runner.model_fingerprint(model_dir,
                                                                                           full=args.full_hash),
