@@ -14,6 +14,15 @@ random-weight model of the preset, saved as a Hugging Face directory with a Sent
 
 All three must agree on every log-likelihood (checked, max abs difference reported). Results: a table and JSON
 (machine, versions, git revision, config).
+
+    python -m bench.eval --preset small --compare-training --seq-len 128 [--threads 1]
+
+`--compare-training` instead measures, on the same model and machine, training's tokens/s (forward + backward of
+`model(ids, labels=...)` on rows of `--seq-len` tokens: the trainer's model and chunked loss, without the optimizer
+step, so the stricter bar) next to `eval --ppl`'s scoring tokens/s (`perplexity_of_tokens`, the command's code path
+and default stride) on long documents (`--doc-tokens` each, the shared English text), at two contexts: the trained
+seq_len (eval's default now) and the model's max_position_embeddings (its default before). The ratio column is
+scoring tokens/s / training tokens/s: at least 1 means forward-only scoring keeps up with training.
 """
 
 from __future__ import annotations
@@ -27,11 +36,11 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from bench.common import REPO_ROOT, device_name, format_table, machine_info, synchronize, write_results
+from bench.common import REPO_ROOT, device_name, format_table, machine_info, synchronize, time_fn, write_results
 from trainer.data.readers import read_documents
 from trainer.dtypes import compute_dtype, dtype_name
 from trainer.evaluate import tasks as T
-from trainer.evaluate.perplexity import perplexity_of_texts
+from trainer.evaluate.perplexity import perplexity_of_texts, perplexity_of_tokens
 from trainer.evaluate.scoring import ScoringOptions, Tokenizer, encode_requests, loglikelihood
 from trainer.hf import load_pretrained, save_pretrained
 from trainer.model import Gemma2, Gemma2Config
@@ -53,7 +62,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-hf", action="store_true", help="skip the transformers anchor")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is steadier on a shared machine)")
-    p.add_argument("--out", default=None, help="results JSON (default: bench/results/eval-<device>.json)")
+    p.add_argument("--compare-training", action="store_true",
+                   help="only compare training tokens/s with eval --ppl scoring tokens/s (see the module doc)")
+    p.add_argument("--seq-len", type=int, default=128, help="training row length for --compare-training")
+    p.add_argument("--doc-tokens", type=int, default=2048, help="tokens per long document for --compare-training")
+    p.add_argument("--out", default=None, help="results JSON (default: bench/results/eval-<device>.json, "
+                                                "eval-train-vs-score-<device>-<preset>.json with --compare-training)")
 
 
 def build_model_dir(preset: str, root: Path) -> Path:
@@ -120,6 +134,71 @@ def timed(fn, device):
     return value, time.perf_counter() - t0
 
 
+def long_documents(tokenizer: Tokenizer, *, doc_tokens: int, count: int) -> tuple[list[list[int]], int]:
+    """`count` documents of `doc_tokens` tokens cut from the shared English text, and their UTF-8 byte count."""
+    tokens = tokenizer.encode((SHARED / "text" / "en_ewt.txt").read_text())
+    if len(tokens) < doc_tokens * count:
+        tokens = tokens * (doc_tokens * count // len(tokens) + 1)
+    docs = [tokens[i * doc_tokens:(i + 1) * doc_tokens] for i in range(count)]
+    return docs, sum(len(tokenizer.decode(d).encode("utf-8")) for d in docs)
+
+
+def training_vs_scoring(model_dir: Path, tokenizer: Tokenizer, *, device: torch.device, dtype: torch.dtype,
+                        seq_len: int, batch_rows: int, row_tokens: int, doc_tokens: int, documents: int) -> list[dict]:
+    """Training tokens/s (forward + backward at rows of `seq_len`) beside eval --ppl scoring tokens/s at the trained
+    seq_len and at max_position_embeddings, same model, same machine; "vs training" = scoring / training."""
+    docs, num_bytes = long_documents(tokenizer, doc_tokens=doc_tokens, count=documents)
+    model = load_pretrained(model_dir, dtype=dtype, device=device, attention_backend="eager")
+    stream = torch.tensor([t for d in docs for t in d], device=device)
+    rows = stream[:(len(stream) - 1) // seq_len * seq_len + 1]
+    ids = rows[:-1].view(-1, seq_len)[:batch_rows]
+    labels = rows[1:].view(-1, seq_len)[:batch_rows]
+    model.train()
+
+    def train_step():
+        model(ids, labels=labels).backward()
+
+    timing = time_fn(train_step, device=device, warmup=1, repeat=3)
+    model.zero_grad(set_to_none=True)
+    train_tps = ids.numel() / timing["median_s"]
+    out = [{"workload": f"training, rows of {seq_len}", "method": "forward+backward", "tokens/s": train_tps,
+            "seconds": timing["median_s"], "vs training": 1.0}]
+    model.eval()
+    options = ScoringOptions(row_tokens=row_tokens, batch_rows=batch_rows)
+    for context, source in ((seq_len, "trained seq_len: eval's default"),
+                            (model.config.max_position_embeddings, "max_position_embeddings: the old default")):
+        def score():
+            return perplexity_of_tokens(model, docs, num_bytes=num_bytes, max_length=context, stride=context // 2,
+                                        options=options, pad_id=tokenizer.pad_id)
+
+        perplexity_of_tokens(model, docs[:1], num_bytes=1, max_length=context, stride=context // 2,
+                             options=options, pad_id=tokenizer.pad_id)  # warm-up
+        res, seconds = timed(score, device)
+        out.append({"workload": f"eval --ppl, {documents} docs x {doc_tokens} tokens, context {context} ({source})",
+                    "method": "ours", "tokens/s": res.tokens / seconds, "seconds": seconds,
+                    "vs training": res.tokens / seconds / train_tps})
+    return out
+
+
+def compare_training(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> int:
+    row_tokens = args.row_tokens or (4096 if device.type == "cuda" else 128)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_model_dir(args.preset, Path(tmp))
+        rows = training_vs_scoring(model_dir, Tokenizer(model_dir / "tokenizer.model"), device=device, dtype=dtype,
+                                   seq_len=args.seq_len, batch_rows=args.batch_rows, row_tokens=row_tokens,
+                                   doc_tokens=args.doc_tokens, documents=args.documents)
+    print(f"preset {args.preset}, {device}, {dtype_name(dtype)}, torch threads {torch.get_num_threads()}; "
+          f"vs training = scoring tokens/s / training tokens/s")
+    print(format_table(rows, ["workload", "method", "tokens/s", "seconds", "vs training"]))
+    out = Path(args.out) if args.out else (REPO_ROOT / "bench" / "results" /
+                                           f"eval-train-vs-score-{device_name(device)}-{args.preset}.json")
+    write_results(out, {"benchmark": "eval-train-vs-score", "device": str(device), "machine": machine_info(device),
+                        "config": dict(vars(args)), "options": {"row_tokens": row_tokens,
+                                                                "batch_rows": args.batch_rows}, "rows": rows})
+    print(f"results: {out}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if not SHARED.is_dir():
         print(f"bench eval needs the shared data folder at {SHARED}")
@@ -128,6 +207,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = compute_dtype(args.dtype, device)
+    if args.compare_training:
+        return compare_training(args, device, dtype)
     cuda = device.type == "cuda"
     options = ScoringOptions(row_tokens=args.row_tokens or (4096 if cuda else 128),
                              batch_rows=args.batch_rows, fixed_shape=cuda)

@@ -1,5 +1,7 @@
 """The run configuration: TOML + --set overrides, unknown keys and wrong types rejected, round trip through TOML."""
 
+import json
+
 import pytest
 
 from trainer.config import TrainConfig, load_config, to_toml
@@ -60,3 +62,81 @@ def test_shipped_configs_load(name):
     if name != "tiny":
         assert (config.optim.lr, config.optim.schedule, config.optim.warmup, config.optim.weight_decay) == \
             (2e-4, "cosine", 0.05, 0.01)
+
+
+# --------------------------------------------------------------------------------------------- custom model shapes
+
+def test_custom_shape_overrides_the_preset():
+    from trainer.model import Gemma2Config
+    from trainer.train import model_config_of
+
+    config = load_config(None, ["model.preset=small", "model.hidden_size=96", "model.num_layers=3",
+                                "model.num_heads=6", "model.num_kv_heads=3", "model.head_dim=32",
+                                "model.intermediate_size=200", "model.sliding_window=48", "model.context=512",
+                                "model.vocab_size=300"])
+    shape = model_config_of(config)
+    assert (shape.hidden_size, shape.num_layers, shape.num_heads, shape.num_kv_heads, shape.head_dim,
+            shape.intermediate_size, shape.sliding_window, shape.max_position_embeddings, shape.vocab_size) == \
+        (96, 3, 6, 3, 32, 200, 48, 512, 300)
+    # small has query_pre_attn_scalar == head_dim, so the scalar follows the new head_dim ...
+    assert shape.query_pre_attn_scalar == 32
+    # ... and keys left unset keep the preset's values.
+    assert (shape.rms_norm_eps, shape.final_softcap) == (Gemma2Config.preset("small").rms_norm_eps, 30.0)
+    # tiny's scalar (24) differs from its head_dim (16) on purpose: it is kept.
+    assert model_config_of(load_config(None, ["model.head_dim=32"])).query_pre_attn_scalar == 24
+    assert model_config_of(load_config(None, [])) == Gemma2Config.preset("tiny")
+
+
+def test_set_num_layers_from_the_command_line_and_toml_round_trip(tmp_path):
+    from trainer.train import model_config_of
+
+    config = load_config(None, ["model.num_layers=3"])
+    assert config.model.num_layers == 3 and model_config_of(config).num_layers == 3
+    assert load_config(_write(tmp_path, to_toml(config))) == config
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.num_layers=0"], r"model.num_layers must be at least 1, got 0"),
+    (["model.hidden_size=-8"], r"model.hidden_size must be at least 1"),
+    (["model.intermediate_size=0"], r"model.intermediate_size must be at least 1"),
+    (["model.sliding_window=0"], r"model.sliding_window must be at least 1"),
+    (["model.context=0"], r"model.context must be at least 1"),
+    (["model.num_kv_heads=0"], r"model.num_kv_heads must be at least 1"),
+    (["model.num_heads=3"], r"model.num_heads \(3\) must be a multiple of model.num_kv_heads \(2, from preset tiny\)"),
+    (["model.num_heads=4", "model.num_kv_heads=3"], r"model.num_heads \(4\) must be a multiple of model.num_kv_heads"),
+    (["model.head_dim=15"], r"model.head_dim \(15\) must be even"),
+    (["model.head_dim=16.0"], r"model.head_dim must be an integer"),
+    (["model.num_layer=2"], r"unknown config key 'model.num_layer'; valid keys here: .*model.num_layers"),
+    (["model.context=64", "data.seq_len=128"], r"model.context \(64\) is shorter than data.seq_len \(128\)"),
+    (["model.pretrained=some/dir", "model.num_layers=2", "model.head_dim=8"],
+     r"model.num_layers, model.head_dim cannot be combined with model.pretrained"),
+])
+def test_bad_shapes_are_user_errors_naming_the_key(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, overrides)
+
+
+def test_a_tiny_custom_shape_trains(tmp_path):
+    import torch.distributed as dist
+
+    from tests.helpers import random_documents, write_token_store
+    from trainer.train import train
+
+    vocab = 96
+    store = write_token_store(tmp_path / "store", random_documents(40, vocab_size=vocab, mean_length=20),
+                              vocab_size=vocab)
+    config = load_config(None, [f"data.stores=['{store}']", "data.seq_len=16", "data.batch_size=2",
+                                f"model.vocab_size={vocab}", "model.attention=eager", "model.hidden_size=24",
+                                "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
+                                "model.head_dim=8", "model.intermediate_size=40", "model.sliding_window=8",
+                                "model.context=64", "optim.max_steps=2", "optim.warmup=0",
+                                "logging.progress=false"])
+    try:
+        summary = train(config, tmp_path / "run")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert len(summary.losses) == 2 and all(0 < loss < 10 for loss in summary.losses)
+    saved = json.loads(next((tmp_path / "run" / "checkpoints").glob("step-*/config.json")).read_text())
+    assert (saved["hidden_size"], saved["num_hidden_layers"], saved["num_key_value_heads"], saved["head_dim"],
+            saved["max_position_embeddings"]) == (24, 1, 1, 8, 64)

@@ -145,3 +145,49 @@ def test_invalid_utf8_in_a_corpus_is_replaced_and_reported(model_dir, tmp_path, 
     assert "character(s) of invalid UTF-8" in capsys.readouterr().err
     res = json.loads(out.read_text())["perplexity"]["bad"]
     assert res["replaced_characters"] > 0 and res["documents"] == 2 and res["kind"] == "text"
+
+
+def test_eval_scores_at_the_trained_context_unless_asked(model_dir, texts, tmp_path, capsys):
+    import shutil
+
+    trained = tmp_path / "trained"
+    shutil.copytree(model_dir, trained)
+    run = {"label": "lt-ewc", "ewc_lambda": 10.0, "checkpoint": "/runs/lt-ewc/checkpoints/step-00000004",
+           "seq_len": 16, "data_stores": ["/data/lt", "/data/en"], "data_weights": [0.95, 0.05], "step": 4}
+    (trained / "gemma-ewc.json").write_text(json.dumps(run))
+    en, _ = texts
+    out = tmp_path / "r.json"
+    base = ["eval", "--ppl", f"en={en}", "--out", str(out), "--overwrite"]
+
+    assert main(base + ["--model", str(trained)]) == 0
+    err = capsys.readouterr().err
+    assert "gemma-ewc eval: context 16 tokens (trained seq_len, gemma-ewc.json)" in err and "warning" not in err
+    res = json.loads(out.read_text())
+    assert res["run"] == run and res["label"] == "lt-ewc" and res["lambda"] == 10.0
+    assert (res["settings"]["max_length"], res["settings"]["stride"], res["settings"]["context_source"]) == \
+        (16, 8, "trained seq_len")
+
+    assert main(base + ["--model", str(trained), "--max-length", "12"]) == 0
+    assert "context 12 tokens (--max-length)" in capsys.readouterr().err
+    assert json.loads(out.read_text())["settings"]["context_source"] == "max-length option"
+
+    assert main(base + ["--model", str(trained), "--max-length", "64"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "--max-length 64 is longer than the 16 tokens the model was trained at" in \
+        warnings[0]
+    assert json.loads(out.read_text())["settings"]["max_length"] == 64
+
+    # Without gemma-ewc.json: the model's own context, and an empty "run".
+    assert main(base + ["--model", str(model_dir)]) == 0
+    assert "(max_position_embeddings, config.json" in capsys.readouterr().err
+    res = json.loads(out.read_text())
+    config = json.loads((model_dir / "config.json").read_text())
+    assert res["run"] == {} and res["settings"]["context_source"] == "max_position_embeddings"
+    assert res["settings"]["max_length"] == config["max_position_embeddings"]
+
+    gsm8k = BENCH / "gsm8k" / "gsm8k_test.jsonl"
+    assert "--max-new-tokens (256) must be below the context 16 tokens (trained seq_len" in _error_of(
+        base + ["--model", str(trained), "--tasks", str(gsm8k), "--limit", "1"], capsys)
+    (trained / "gemma-ewc.json").write_text(json.dumps({**run, "seq_len": "long"}))
+    assert 'gemma-ewc.json: "seq_len" must be a positive integer' in _error_of(base + ["--model", str(trained)],
+                                                                              capsys)

@@ -17,6 +17,7 @@ from typing import Any
 from kernels.ewc_adamw import BACKENDS as OPTIMIZER_BACKENDS
 from trainer.attention import BACKENDS as ATTENTION_BACKENDS
 from trainer.errors import UserError
+from trainer.model import Gemma2Config
 from trainer.optim import warmup_steps_of
 
 if sys.version_info >= (3, 11):
@@ -37,7 +38,24 @@ class ModelConfig:
     preset: str = _f("tiny", "model shape preset (gemma2-2b, gemma2-9b, gemma2-27b, tiny, small)")
     pretrained: str | None = _f(None, "Hugging Face Gemma2 directory to start from (overrides the preset's shape)")
     vocab_size: int | None = _f(None, "override the preset's vocabulary size (random-init runs with a small tokenizer)")
+    # Shape overrides for runs from random initialisation (None = the preset's value); see SHAPE_KEYS.
+    hidden_size: int | None = _f(None, "override the preset's hidden size (model width)")
+    num_layers: int | None = _f(None, "override the preset's number of decoder layers")
+    num_heads: int | None = _f(None, "override the preset's query heads (a multiple of num_kv_heads)")
+    num_kv_heads: int | None = _f(None, "override the preset's key/value heads (grouped-query attention)")
+    head_dim: int | None = _f(None, "override the preset's size of one attention head (even, for RoPE)")
+    intermediate_size: int | None = _f(None, "override the preset's feed-forward (GeGLU) width")
+    sliding_window: int | None = _f(None, "override the preset's attention window of the even (local) layers")
+    context: int | None = _f(None, "override the preset's context length in tokens (max_position_embeddings)")
     attention: str = _f("auto", "attention backend", choices=("auto", *ATTENTION_BACKENDS))
+
+
+# [model] keys that change the model's shape -> the Gemma2Config field each one sets.
+SHAPE_KEYS: dict[str, str] = {
+    "hidden_size": "hidden_size", "num_layers": "num_layers", "num_heads": "num_heads",
+    "num_kv_heads": "num_kv_heads", "head_dim": "head_dim", "intermediate_size": "intermediate_size",
+    "sliding_window": "sliding_window", "context": "max_position_embeddings",
+}
 
 
 @dataclass
@@ -213,8 +231,54 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
     return config
 
 
+def model_shape(model: ModelConfig) -> Gemma2Config:
+    """The preset's shape with [model]'s overrides applied (vocab_size and SHAPE_KEYS); errors name the keys.
+
+    query_pre_attn_scalar follows head_dim when the preset has them equal (gemma2-2b, gemma2-9b, small), and keeps
+    the preset's value otherwise (gemma2-27b: hidden_size / num_heads = 144, tiny: 24 on purpose, so that tests
+    see scalar != head_dim).
+    """
+    try:
+        base = Gemma2Config.preset(model.preset)
+    except ValueError as exc:
+        raise UserError(f"model.preset: {exc}") from None
+    overrides = {field: getattr(model, key) for key, field in SHAPE_KEYS.items() if getattr(model, key) is not None}
+    for key, field_name in SHAPE_KEYS.items():
+        if field_name in overrides and overrides[field_name] < 1:
+            raise UserError(f"model.{key} must be at least 1, got {overrides[field_name]}")
+    if model.vocab_size:
+        overrides["vocab_size"] = model.vocab_size
+
+    def described(key: str) -> str:
+        value = overrides.get(SHAPE_KEYS[key], getattr(base, SHAPE_KEYS[key]))
+        return f"model.{key} ({value}{'' if SHAPE_KEYS[key] in overrides else ', from preset ' + model.preset})"
+
+    heads = overrides.get("num_heads", base.num_heads)
+    kv_heads = overrides.get("num_kv_heads", base.num_kv_heads)
+    if heads % kv_heads:
+        raise UserError(f"{described('num_heads')} must be a multiple of {described('num_kv_heads')}: each key/value "
+                        f"head serves the same number of query heads")
+    if overrides.get("head_dim", base.head_dim) % 2:
+        raise UserError(f"{described('head_dim')} must be even: RoPE rotates pairs of dimensions")
+    if "head_dim" in overrides and base.query_pre_attn_scalar == base.head_dim:
+        overrides["query_pre_attn_scalar"] = overrides["head_dim"]
+    try:
+        return dataclasses.replace(base, **overrides)
+    except ValueError as exc:  # a rule of Gemma2Config not checked above
+        raise UserError(f"model: {exc}") from None
+
+
 def validate(config: TrainConfig) -> None:
     d, o = config.data, config.optim
+    shaped = [f"model.{key}" for key in SHAPE_KEYS if getattr(config.model, key) is not None]
+    if config.model.pretrained and shaped:
+        raise UserError(f"{', '.join(shaped)} cannot be combined with model.pretrained: the checkpoint fixes the "
+                        f"model's shape (remove them, or start from random initialisation without model.pretrained)")
+    if not config.model.pretrained:
+        model_shape(config.model)
+    if config.model.context is not None and config.model.context < d.seq_len:
+        raise UserError(f"model.context ({config.model.context}) is shorter than data.seq_len ({d.seq_len}): the "
+                        f"model would train on rows longer than its context")
     for where, value in (("data.seq_len", d.seq_len), ("data.batch_size", d.batch_size),
                          ("data.grad_accum", d.grad_accum), ("optim.max_steps", o.max_steps)):
         if value < 1:

@@ -5,7 +5,9 @@
 
 The weights are read one tensor at a time from the torch.distributed.checkpoint files, without a process group or
 the whole model in memory. Beside the weights, gemma-ewc.json records the run's label and EWC λ (read by
-`gemma-ewc eval`) and the checkpoint it came from; the run's tokenizer.model is copied when it still exists.
+`gemma-ewc eval`), the checkpoint it came from and what it was trained on (`training_context`: the sequence
+length `eval` scores at by default, the data stores and their mixture weights, the step); the run's
+tokenizer.model is copied when it still exists.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import find_latest, is_complete, read_model_tensor
-from trainer.config import tomllib
+from trainer.checkpoint import STATE_FILE, find_latest, is_complete, read_model_tensor
+from trainer.config import DataConfig, tomllib
 from trainer.errors import UserError
 from trainer.hf import config_from_hf, expected_shapes, from_hf_name, write_hf_checkpoint
 
@@ -41,6 +43,18 @@ def run_tokenizer(step_dir: Path) -> str | None:
     return tomllib.loads((step_dir / "config.toml").read_text()).get("data", {}).get("tokenizer") or None
 
 
+def training_context(step_dir: Path, run_config: dict) -> dict:
+    """What the model was trained on, for gemma-ewc.json: "seq_len" (the context `gemma-ewc eval` scores at by
+    default), "data_stores", "data_weights" (normalised to sum 1; null for a single store) and "step"."""
+    data = run_config.get("data", {})
+    stores = [str(s) for s in data.get("stores", [])]
+    weights = [float(w) for w in data.get("weights") or [1.0] * len(stores)]
+    total = sum(weights)
+    return {"seq_len": int(data.get("seq_len", DataConfig().seq_len)), "data_stores": stores,
+            "data_weights": [w / total for w in weights] if len(stores) > 1 else None,
+            "step": int(json.loads((step_dir / STATE_FILE).read_text())["step"])}
+
+
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = torch.bfloat16,
                       tokenizer: str | None = None) -> Path:
     """A training checkpoint -> a Hugging Face Gemma2 directory, reading one tensor at a time (no process group)."""
@@ -59,7 +73,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: torch.d
     continued = bool(run_config.get("model", {}).get("pretrained"))
     lam = run_config.get("ewc", {}).get("lambda", 0.0) if run_config.get("ewc", {}).get("file") else 0.0
     metadata = {"label": step_dir.parent.parent.name, "ewc_lambda": lam if continued else None,
-                "checkpoint": str(step_dir.resolve())}
+                "checkpoint": str(step_dir.resolve()), **training_context(step_dir, run_config)}
 
     def fetch(hf_name: str) -> torch.Tensor:
         return read_model_tensor(step_dir, from_hf_name(hf_name), torch.empty(shapes[hf_name]))

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from kernels.linear_cross_entropy import IGNORE_INDEX
 from trainer.checkpoint import load_newest_checkpoint, save_checkpoint
-from trainer.config import TrainConfig, to_toml
+from trainer.config import TrainConfig, model_shape, to_toml
 from trainer.data.loader import PackedLoader
 from trainer.distributed import init_distributed
 from trainer.dtypes import DTYPES
@@ -60,17 +60,12 @@ class TrainSummary:
 # ----------------------------------------------------------------------------------------------------- building
 
 
-def model_config_of(config: TrainConfig):
+def model_config_of(config: TrainConfig) -> Gemma2Config:
+    """The model's shape: the pretrained checkpoint's, or the preset with [model]'s overrides (config.model_shape)."""
     m = config.model
     if m.pretrained:
         return HFCheckpoint(m.pretrained).config
-    try:
-        base = Gemma2Config.preset(m.preset)
-    except ValueError as exc:
-        raise UserError(f"model.preset: {exc}") from None
-    if m.vocab_size:
-        base = dataclasses.replace(base, vocab_size=m.vocab_size)
-    return base
+    return model_shape(m)
 
 
 def build_model(config: TrainConfig, *, device: torch.device, mesh):

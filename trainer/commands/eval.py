@@ -6,6 +6,8 @@ byte and benchmark accuracy of a model, offline.
 
 Every input is read before the model is loaded, so a bad file fails in seconds; then each perplexity input and
 each task is scored (trainer.evaluate: perplexity, runner) and the results JSON written (runner.write_results).
+The context is the sequence length the model was trained at (DIR/gemma-ewc.json, written by `gemma-ewc export`)
+unless --max-length says otherwise (runner.evaluation_context); eval prints which one it used.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto",
                    help="attention backend (default: flash or flex on CUDA, eager on CPU)")
     p.add_argument("--max-length", type=int, default=None,
-                   help="context window in tokens (default: the model's max_position_embeddings)")
+                   help="context window in tokens (default: the sequence length the model was trained at, from "
+                        "DIR/gemma-ewc.json; without it the model's max_position_embeddings)")
     p.add_argument("--stride", type=int, default=None,
                    help="sliding-window stride for documents longer than the context (default: max-length / 2)")
     p.add_argument("--row-tokens", type=int, default=None,
@@ -132,27 +135,36 @@ def run(args: argparse.Namespace) -> int:
     if dupes:
         raise UserError(f"two inputs are named {dupes[0]!r}: name them apart with NAME=PATH")
 
+    meta = runner.read_model_metadata(model_dir)
     model = load_pretrained(model_dir, dtype=dtype, device=device, attention_backend=args.attention).eval()
     config = model.config
     check_tokenizer(tokenizer, config)
-    max_length = args.max_length or config.max_position_embeddings
+    context = runner.evaluation_context(requested=args.max_length, metadata=meta,
+                                        model_context=config.max_position_embeddings,
+                                        metadata_path=model_dir / runner.METADATA_FILE)
+    if context.warning:
+        print(f"gemma-ewc eval: warning: {context.warning}", file=sys.stderr)
+    print(f"gemma-ewc eval: {context.description}", file=sys.stderr)
+    max_length = context.max_length
+    if any(t.type.generation for t in tasks) and args.max_new_tokens >= max_length:
+        raise UserError(f"--max-new-tokens ({args.max_new_tokens}) must be below the {context.description}: lower "
+                        f"--max-new-tokens or give --max-length")
     stride = args.stride or max(max_length // 2, 1)
     if stride > max_length:
         raise UserError(f"--stride ({stride}) cannot exceed --max-length ({max_length})")
     cuda = device.type == "cuda"
     options = ScoringOptions(row_tokens=args.row_tokens or (4096 if cuda else 128),
                              batch_rows=args.batch_size, fixed_shape=cuda, progress=progress)
-    meta = runner.read_model_metadata(model_dir)
     label = args.label or meta.get("label") or model_dir.resolve().name
     ewc_lambda = args.ewc_lambda if args.ewc_lambda is not None else meta.get("ewc_lambda", meta.get("lambda"))
     settings = {"device": str(device), "dtype": dtype_name(dtype), "attention": args.attention,
-                "max_length": max_length, "stride": stride, "row_tokens": options.row_tokens,
-                "batch_rows": options.batch_rows, "fixed_shape": options.fixed_shape,
+                "max_length": max_length, "context_source": context.source, "stride": stride,
+                "row_tokens": options.row_tokens, "batch_rows": options.batch_rows, "fixed_shape": options.fixed_shape,
                 "max_new_tokens": args.max_new_tokens, "limit": args.limit}
     results = runner.new_results(model_dir=model_dir, fingerprint=runner.model_fingerprint(model_dir,
                                                                                           full=args.full_hash),
                                  tokenizer=tokenizer, config=config, label=label, ewc_lambda=ewc_lambda,
-                                 settings=settings)
+                                 settings=settings, run=meta)
 
     for name, path, data in ppl_inputs:
         if data.replaced_characters:

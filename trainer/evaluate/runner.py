@@ -3,8 +3,11 @@
 Results file (`gemma-ewc/eval-v1`):
 
     {"format", "created", "label", "lambda",
+     "run": {...the model directory's gemma-ewc.json ("label", "ewc_lambda", "checkpoint", "seq_len",
+             "data_stores", "data_weights", "step"), or {} without one},
      "model": {"path", "fingerprint", "fingerprint_method", "tokenizer_sha256", "parameters", "config"},
-     "settings": {"device", "dtype", "attention", "max_length", "stride", "row_tokens", "batch_rows", ...},
+     "settings": {"device", "dtype", "attention", "max_length", "context_source", "stride", "row_tokens",
+                  "batch_rows", ...},
      "perplexity": {NAME: {"file", "sha256", "documents", "empty_documents", "tokens", "bytes", "nll",
                            "perplexity", "bits_per_byte", "nll_per_token", "seconds"}},
      "tasks": {NAME: {"type", "path", "sha256", "files", "num_fewshot", "fewshot_sha256", "n", "primary",
@@ -30,6 +33,7 @@ import os
 import struct
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -43,7 +47,7 @@ from trainer.evaluate.tasks import GSM8K_STOP, ItemError, Task, fewshot_prefix
 from trainer.fileio import atomic_path, files_sha256, sha256_file
 
 RESULTS_FORMAT = "gemma-ewc/eval-v1"
-METADATA_FILE = "gemma-ewc.json"  # optional, in a model directory: {"label": ..., "ewc_lambda": ...}
+METADATA_FILE = "gemma-ewc.json"  # optional, in a model directory (trainer/export.py writes it)
 _SAMPLE_BLOCK = 1 << 16
 _SAMPLE_COUNT = 33
 
@@ -79,6 +83,41 @@ def read_model_metadata(model_dir: Path) -> dict:
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} is not valid JSON ({exc})") from None
     return meta if isinstance(meta, dict) else {}
+
+
+CONTEXT_SOURCES = ("max-length option", "trained seq_len", "max_position_embeddings")
+
+
+@dataclass
+class EvaluationContext:
+    """The context window `eval` scores with, where it came from, and a warning when it exceeds the training's."""
+
+    max_length: int
+    source: str                 # one of CONTEXT_SOURCES (results["settings"]["context_source"])
+    description: str            # for the line `eval` prints: "context 128 tokens (trained seq_len, gemma-ewc.json)"
+    warning: str | None = None
+
+
+def evaluation_context(*, requested: int | None, metadata: dict, model_context: int,
+                       metadata_path: Path) -> EvaluationContext:
+    """--max-length when given, else the sequence length the model was trained at (gemma-ewc.json "seq_len"), else
+    its max_position_embeddings: a model is never scored at a longer context than it saw unless the user asks."""
+    trained = metadata.get("seq_len")
+    if trained is not None and (isinstance(trained, bool) or not isinstance(trained, int) or trained < 1):
+        raise UserError(f"{metadata_path}: \"seq_len\" must be a positive integer, got {trained!r}")
+    if requested is not None:
+        warning = None
+        if trained is not None and requested > trained:
+            warning = (f"--max-length {requested} is longer than the {trained} tokens the model was trained at "
+                       f"({metadata_path.name} seq_len): scores beyond {trained} tokens measure length extrapolation")
+        return EvaluationContext(requested, "max-length option", f"context {requested} tokens (--max-length)",
+                                 warning)
+    if trained is not None:
+        return EvaluationContext(trained, "trained seq_len",
+                                 f"context {trained} tokens (trained seq_len, {metadata_path.name})")
+    return EvaluationContext(model_context, "max_position_embeddings",
+                             f"context {model_context} tokens (max_position_embeddings, config.json; no seq_len in "
+                             f"{metadata_path.name})")
 
 
 def _skipped_summary(skipped: Sequence[tuple[str, str]]) -> dict:
@@ -186,12 +225,13 @@ def write_results(path: str | os.PathLike, results: dict) -> Path:
 
 
 def new_results(*, model_dir: Path, fingerprint: tuple[str, str], tokenizer: Tokenizer, config, label: str | None,
-                ewc_lambda: float | None, settings: dict) -> dict:
+                ewc_lambda: float | None, settings: dict, run: dict | None = None) -> dict:
     return {
         "format": RESULTS_FORMAT,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "label": label,
         "lambda": ewc_lambda,
+        "run": dict(run or {}),
         "model": {"path": str(model_dir.resolve()), "fingerprint": fingerprint[0],
                   "fingerprint_method": fingerprint[1], "tokenizer_sha256": tokenizer.sha256,
                   "parameters": config.num_parameters(),
