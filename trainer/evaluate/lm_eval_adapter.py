@@ -32,6 +32,7 @@ import torch
 
 from trainer.dtypes import compute_dtype
 from trainer.evaluate.generate import greedy_generate
+from trainer.evaluate.runner import METADATA_FILE, evaluation_context, read_model_metadata
 from trainer.evaluate.scoring import (ScoringOptions, Tokenizer, check_tokenizer, default_device, loglikelihood,
                                      loglikelihood_rolling)
 from trainer.hf import load_pretrained
@@ -76,7 +77,15 @@ class GemmaEWCLM(_LMBase):
         self.tokenizer = Tokenizer(tokenizer or Path(pretrained) / "tokenizer.model")
         check_tokenizer(self.tokenizer, self.model.config)
         self._device = device
-        self._max_length = int(max_length or self.model.config.max_position_embeddings)
+        model_dir = Path(pretrained) if pretrained else None
+        context = evaluation_context(
+            requested=int(max_length) if max_length else None,
+            metadata=read_model_metadata(model_dir) if model_dir is not None else {},
+            model_context=self.model.config.max_position_embeddings,
+            metadata_path=(model_dir or Path(".")) / METADATA_FILE)
+        if context.warning:
+            sys.stderr.write(f"gemma-ewc: {context.warning}\n")
+        self._max_length = context.max_length
         self._max_gen_toks = int(max_gen_toks)
         self.gen_batch_size = int(gen_batch_size)
         rows = int(batch_size) if str(batch_size or "").isdigit() else 8
