@@ -108,6 +108,8 @@ def test_a_killed_sweep_resumes_and_reports(study, tmp_path, capsys):
     assert sorted(results) == ["000-lambda=0", "001-lambda=100", "base"]
     assert results["001-lambda=100"]["lambda"] == 100.0 and results["000-lambda=0"]["lambda"] == 0.0
     assert all(set(r["perplexity"]) == {"A", "B"} for r in results.values())
+    # every model, the base included, is scored at the context the runs trained at
+    assert {r["settings"]["max_length"] for r in results.values()} == {32}
     for name in ("000-lambda=0", "001-lambda=100"):  # each run directory is what `train` alone makes
         run_dir = out / "runs" / name
         assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "metrics.jsonl"]
@@ -127,6 +129,7 @@ def test_print_collect_and_a_changed_grid(study, tmp_path, capsys):
     assert main(_sweep_args(study, out) [:6] + ["--print"] + _sweep_args(study, out)[6:]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and lines[0].startswith("gemma-ewc eval --model") and "--label base" in lines[0]
+    assert "--max-length 32" in lines[0]
     assert all(" && gemma-ewc export " in line and " && gemma-ewc eval " in line for line in lines[1:])
     assert (out / "commands.txt").read_text().splitlines() == lines
     assert not (out / "runs").exists()  # nothing ran

@@ -75,6 +75,7 @@ class SweepPlan:
     eval_args: list[str]
     runs: list[SweepRun]
     base_model: str | None  # the starting model (model.pretrained), evaluated as "base"
+    seq_len: int  # the shortest context a run trains at: the base model is scored at it too, for a fair comparison
     report_args: list[str] = field(default_factory=list)
 
     def manifest(self) -> dict:
@@ -84,7 +85,7 @@ class SweepPlan:
     def _manifest(self) -> dict:
         return {"format": FORMAT, "config": str(self.config), "config_sha256": self.config_sha256,
                 "grid": [[k, v] for k, v in self.grid], "overrides": self.overrides, "eval": self.eval_args,
-                "base_model": self.base_model, "report": self.report_args,
+                "base_model": self.base_model, "seq_len": self.seq_len, "report": self.report_args,
                 "runs": [{**asdict(r), "run_dir": r.run_dir, "model_dir": r.model_dir, "results": r.results}
                          for r in self.runs]}
 
@@ -154,7 +155,7 @@ def plan_sweep(config: str | Path, *, out: str | Path, grid: Sequence[str], eval
     keys = [k for k, _ in axes]
     if len(set(keys)) != len(keys):
         raise UserError(f"--grid names a key twice: {keys}")
-    runs, base_model = [], None
+    runs, base_model, seq_lens = [], None, []
     for index, values in enumerate(itertools.product(*(v for _, v in axes))):
         assignment = list(zip(keys, values))
         run_overrides = tuple(f"{k}={v}" for k, v in assignment)
@@ -163,9 +164,10 @@ def plan_sweep(config: str | Path, *, out: str | Path, grid: Sequence[str], eval
         except UserError as exc:
             raise UserError(f"run {', '.join(run_overrides)}: {exc}") from None
         base_model = resolved.model.pretrained
+        seq_lens.append(resolved.data.seq_len)
         runs.append(SweepRun(run_name(index, assignment), run_overrides))
     return SweepPlan(Path(out), config, sha256_file(config), axes, list(overrides), list(eval_args), runs,
-                     base_model, list(report_args))
+                     base_model, min(seq_lens), list(report_args))
 
 
 def _inputs(plan: SweepPlan) -> list[str]:
@@ -220,8 +222,11 @@ def run_stages(plan: SweepPlan, run: SweepRun) -> list[tuple[str, list[str]]]:
 def base_stage(plan: SweepPlan) -> list[str] | None:
     if plan.base_model is None:
         return None
-    return ["eval", "--model", plan.base_model, *plan.eval_args, "--out", _path(plan, f"results/{BASE}.json"),
-            "--label", BASE]
+    # Each run is scored at the context it trained at (eval's default); the base model at the same one, not at its
+    # own (a pretrained model's context is often longer), unless the eval arguments set one for every model.
+    context = [] if "--max-length" in plan.eval_args else ["--max-length", str(plan.seq_len)]
+    return ["eval", "--model", plan.base_model, *plan.eval_args, *context, "--out",
+            _path(plan, f"results/{BASE}.json"), "--label", BASE]
 
 
 def stage_lines(plan: SweepPlan, *, launcher: str = "gemma-ewc") -> list[str]:
