@@ -221,3 +221,12 @@ def _no_leftover_process_group():
     if dist.is_initialized():
         dist.destroy_process_group()
     warnings.resetwarnings()
+
+
+def test_a_zero_mixture_weight_leaves_its_store_out(tmp_path, store):
+    """A replay grid's `data.weights = [1, 0]` trains exactly as the first store alone."""
+    other = write_token_store(tmp_path / "other", random_documents(50, vocab_size=VOCAB, seed=7), vocab_size=VOCAB)
+    alone = run(_overrides(store, **{"optim.max_steps": 3}), tmp_path / "alone")
+    mixed = run(_overrides(store, **{"optim.max_steps": 3, "data.stores": f"['{store}', '{other}']",
+                                     "data.weights": "[1, 0]"}), tmp_path / "mixed")
+    assert mixed == alone

@@ -16,6 +16,7 @@ from typing import Any
 
 from kernels.ewc_adamw import BACKENDS as OPTIMIZER_BACKENDS
 from trainer.attention import BACKENDS as ATTENTION_BACKENDS
+from trainer.data.loader import mixture_period
 from trainer.errors import UserError
 from trainer.model import Gemma2Config
 from trainer.optim import warmup_steps_of
@@ -287,6 +288,11 @@ def validate(config: TrainConfig) -> None:
         raise UserError(f"data.weights has {len(d.weights)} entries for {len(d.stores)} data.stores")
     if any(w < 0 for w in d.weights) or (d.weights and sum(d.weights) <= 0):
         raise UserError(f"data.weights must be non-negative with a positive sum, got {d.weights}")
+    if d.weights:  # the mixture the loader will make of the stores with a positive weight (a 0 leaves one out)
+        try:
+            mixture_period([w for w in d.weights if w > 0])
+        except UserError as exc:
+            raise UserError(f"data.weights: {exc}") from None
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise UserError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
     for where, value in (("optim.lr", o.lr), ("optim.eps", o.eps), ("optim.weight_decay", o.weight_decay),

@@ -95,7 +95,10 @@ def build_loader(config: TrainConfig, *, rank: int, world_size: int, vocab_size:
         if not Path(store).is_dir():
             raise UserError(f"token store {store} not found; make it with `gemma-ewc tokenize ... --out {store}`")
     tokenizer_hash = sha256_file(d.tokenizer) if d.tokenizer else None
-    loader = PackedLoader(d.stores, weights=d.weights or None, seq_len=d.seq_len, batch_size=d.batch_size,
+    stores, weights = d.stores, d.weights or None
+    if weights is not None:  # a weight of 0 leaves its store out (a replay grid's [1, 0] is "no replay")
+        stores, weights = [s for s, w in zip(stores, weights) if w > 0], [w for w in weights if w > 0]
+    loader = PackedLoader(stores, weights=weights, seq_len=d.seq_len, batch_size=d.batch_size,
                           seed=d.seed, rank=rank, world_size=world_size, num_workers=d.num_workers,
                           tokenizer_hash=tokenizer_hash, pin_memory=torch.cuda.is_available())
     for store in loader.stores:
