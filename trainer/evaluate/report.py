@@ -326,7 +326,9 @@ def comparability(runs: Sequence[Run], tasks: Sequence[str], ppl_sets: Sequence[
     for labels in by_weights.values():
         if len(labels) > 1:
             notes.append(f"runs {', '.join(labels)} evaluated the same weights (same model fingerprint)")
-    for key in ("max_length", "context_source", "stride", "limit"):
+    # The context itself (max_length) is what must agree; where it came from (context_source) may differ: a sweep
+    # scores its base model with --max-length at the runs' trained length.
+    for key in ("max_length", "stride", "limit"):
         values = {r.label: r.data.get("settings", {}).get(key) for r in runs}
         if len(set(map(str, values.values()))) > 1:
             notes.append(f"settings differ in {key}: " + ", ".join(f"{k}: {v}" for k, v in values.items()))
