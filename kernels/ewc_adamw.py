@@ -39,7 +39,8 @@ decoupled pull reads the F and anchor elements the pass has already loaded, so b
     norm pass, clip "task"                        read g                          4 B
 
 Backends (each a module with `step(group, grads, scalars)` and `grad_sq_norms(group, grads, ewc_lambda)`, one
-call per TensorGroup; this module validates, groups and dispatches):
+call per TensorGroup; this module validates, groups and dispatches. Each runs both EWC modes: the Triton and C++
+kernels in their one pass, by a DECOUPLED constexpr and a template flag; the torch backend by a foreach lerp):
     "triton"  CUDA: kernels/ewc_adamw_triton.py. One launch over every full block of a group's tensors and one over
               their last partial blocks, from pointer tables cached on the group (see that file); runs in Triton's
               CPU interpreter under TRITON_INTERPRET=1 (tests). triton is imported only when this backend is used.

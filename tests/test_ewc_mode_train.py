@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import tomllib
 
-from tests.test_train import _ewc_file, _overrides, final_parameters, metrics, run, store  # noqa: F401 (fixture)
+from tests import test_train
+from tests.test_train import _ewc_file, _overrides, final_parameters, metrics, run
 from trainer.checkpoint import find_latest
 from trainer.parallelize import initial_value
+
+
+store = test_train.store  # the module-scoped token store fixture, shared
 
 
 def _distance_to_anchor(run_dir) -> float:
@@ -15,7 +19,7 @@ def _distance_to_anchor(run_dir) -> float:
     return sum(float((t - initial_value(n, t.shape, seed=0)).square().sum()) for n, t in final.items()) ** 0.5
 
 
-def test_decoupled_run_pulls_towards_the_anchor_and_records_its_mode(tmp_path, store):  # noqa: F811
+def test_decoupled_run_pulls_towards_the_anchor_and_records_its_mode(tmp_path, store):
     ewc_file = _ewc_file(tmp_path / "ewc.safetensors")
     base = {"optim.max_steps": 6, "ewc.file": f"'{ewc_file}'", "optim.weight_decay": 0.0}
     run(_overrides(store, **base, **{"ewc.lambda": 0.0}), tmp_path / "free")
