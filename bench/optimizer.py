@@ -9,6 +9,8 @@ an embedding: 288 tensors), of 1M, 8M and 64M elements by default, it times one 
     (c) foreach         the best plain-torch composition: torch._foreach_* ops add lambda F (p - anchor) to the
                         grads, then fused AdamW
     (d) ewc_adamw       EWCAdamW with EWC (backend auto: "cpp" on CPU, "triton" on CUDA), penalty and norm included
+    (dd) ewc_adamw_decoupled  the same in ewc_mode "decoupled" (Adam on g, then the proximal pull towards the
+                        anchor): the same bytes as (d), a division and a select more per element
     (d0) ewc_adamw_off  EWCAdamW with lambda = 0: plain AdamW through our kernel
 
 with F and anchor in float32 and in bfloat16. Variants are timed in interleaved rounds (a, b, c, d, a, b, ...) so
@@ -16,7 +18,7 @@ a noisy neighbour on the machine affects all of them alike. On CUDA "ms" is the 
 GPU kept busy while the host issues the step, as during training) and "wall_ms" the synchronised host time beside
 it. The table gives median milliseconds, the ratio to (a),
 and the effective bandwidth: the bytes the task needs (28 B per element for AdamW, plus two reads of the F/anchor
-element size with EWC: 36 B float32, 32 B bfloat16; the same count for b, c, d, which do the same work) per
+element size with EWC: 36 B float32, 32 B bfloat16; the same count for b, c, d, dd, which do the same work) per
 second, also as a fraction of the machine's measured copy bandwidth (bench.common.copy_bandwidth). The ratio
 floors set by bytes alone are 1.29x (float32) and 1.14x (bfloat16). On CPU "x_vs_a_min" is the ratio of the fastest
 rounds, a steadier figure on a machine shared with other work.
@@ -46,10 +48,11 @@ VARIANTS = {
     "b": "loss_penalty",
     "c": "foreach",
     "d": "ewc_adamw",
+    "dd": "ewc_adamw_decoupled",
     "d0": "ewc_adamw_off",
 }
 EWC_LAMBDA = 0.5
-TARGETS_CPU = {"float32": 1.3, "bfloat16": 1.2}  # max ratio of (d) to (a)
+TARGETS_CPU = {"float32": 1.3, "bfloat16": 1.2}  # max ratio of (d) and (dd) to (a)
 TARGET_VS_LOSS_PENALTY = 10.0  # (d) at least this much faster than (b)
 # The GPU targets (>= 85% of copy bandwidth, >= 1.5x faster than (c)) are judged on sets too large for the L2 cache
 # (50 MB on an H200) and for launch latencies to matter; smaller sets are reported, not judged.
@@ -129,6 +132,10 @@ def make_variants(ps: ParamSet, names, *, backend: str = "auto"):
     if "d" in names:
         opt_d = EWCAdamW(params, lr=1e-5, ewc_lambda=EWC_LAMBDA, fisher=ps.fisher, anchor=ps.anchor, backend=backend)
         fns["d"] = opt_d.step
+    if "dd" in names:
+        opt_dd = EWCAdamW(params, lr=1e-5, ewc_lambda=EWC_LAMBDA, fisher=ps.fisher, anchor=ps.anchor, backend=backend,
+                          ewc_mode="decoupled")
+        fns["dd"] = opt_dd.step
     if "d0" in names:
         opt_d0 = EWCAdamW(params, lr=1e-5, ewc_lambda=0.0, backend=backend)
         fns["d0"] = opt_d0.step
@@ -195,7 +202,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default="1M,8M,64M",
                         help="total parameter elements of each set, comma-separated (default 1M,8M,64M)")
     parser.add_argument("--ewc-dtypes", default="float32,bfloat16", help="F/anchor dtypes (default both)")
-    parser.add_argument("--variants", default="a,b,c,d,d0", help=f"subset of {','.join(VARIANTS)} (default all)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"subset of {','.join(VARIANTS)} (default all)")
     parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
                         help="EWCAdamW backend for (d) (default auto)")
     parser.add_argument("--repeat", type=int, default=7, help="timed rounds (default 7)")
@@ -248,12 +256,16 @@ def run(args: argparse.Namespace) -> int:
                     "GB/s": nbytes / t[name] / 1e9, "of_copy_bw": nbytes / t[name] / bandwidth,
                     "speedup_vs_b": t["b"] / t[name] if "b" in t else None,
                     "speedup_vs_c": t["c"] / t[name] if "c" in t else None,
+                    # decoupled against coupled EWC: the cost of the mode itself (same bytes)
+                    "x_vs_d": t[name] / t["d"] if name == "dd" and "d" in t else None,
+                    "x_vs_d_min": (times[name]["wall_min"] / times["d"]["wall_min"]
+                                   if name == "dd" and "d" in t else None),
                 })
             del fns, ps
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     columns = ["elements", "ewc_dtype", "variant", "ms", "x_vs_a", "GB/s", "of_copy_bw", "speedup_vs_b",
-               "speedup_vs_c"] + (["wall_ms"] if device.type == "cuda" else ["x_vs_a_min"])
+               "speedup_vs_c", "x_vs_d"] + (["wall_ms"] if device.type == "cuda" else ["x_vs_a_min", "x_vs_d_min"])
     print(format_table(rows, columns))
     backend = EWCAdamW([torch.nn.Parameter(torch.zeros(1, device=device))], backend=args.backend).backend
     checks = summarize_targets(rows, device, backend)
@@ -270,16 +282,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summarize_targets(rows: list[dict], device: torch.device, backend: str) -> dict:
-    """The issue's acceptance numbers for (d), per size and F/anchor dtype, as pass/miss lines."""
+    """The issue's acceptance numbers for (d) and (dd), per size and F/anchor dtype, as pass/miss lines."""
     lines, ok = [], True
     for r in rows:
-        if not r["variant"].startswith("(d) "):
+        if not r["variant"].startswith(("(d) ", "(dd) ")):
             continue
         tag = f"{r['elements'] / 2**20:.3g}M {r['ewc_dtype']}"
+        name = r["variant"].split(" ", 1)[1]
+        if r["x_vs_d"] is not None:
+            lines.append(f"{tag}: {name} {r['x_vs_d']:.2f}x ewc_adamw (same bytes; reported, not judged)")
         if device.type == "cpu":
             limit = TARGETS_CPU[r["ewc_dtype"]]
             good = r["x_vs_a"] <= limit
-            lines.append(f"{tag}: ewc_adamw ({backend}) {r['x_vs_a']:.2f}x adamw_fused (target <= {limit}) "
+            lines.append(f"{tag}: {name} ({backend}) {r['x_vs_a']:.2f}x adamw_fused (target <= {limit}) "
                          f"{'ok' if good else 'MISS'}")
             ok &= good
             if r["speedup_vs_b"] is not None:
@@ -289,7 +304,7 @@ def summarize_targets(rows: list[dict], device: torch.device, backend: str) -> d
                 ok &= good
         elif r["elements"] >= GPU_TARGET_MIN_ELEMENTS:
             good = r["of_copy_bw"] >= 0.85
-            lines.append(f"{tag}: ewc_adamw ({backend}) at {100 * r['of_copy_bw']:.0f}% of copy bandwidth "
+            lines.append(f"{tag}: {name} ({backend}) at {100 * r['of_copy_bw']:.0f}% of copy bandwidth "
                          f"(target >= 85%) {'ok' if good else 'MISS'}")
             ok &= good
             if r["speedup_vs_c"] is not None:

@@ -4,16 +4,19 @@
 //   d  = p - anchor;  e = lambda * F * d                       (EWC gradient, at the pre-step p)
 //   g' = (g * grad_mul + e) * total_mul                        (clip "task": grad_mul = s, total_mul = 1;
 //                                                               clip "total": grad_mul = 1, total_mul = s)
+//        g * grad_mul                                          (decoupled mode: clip "task" only)
 //   m  = lerp(m, g', 1 - beta1);  v = v * beta2 + (1 - beta2) * g' * g'
 //   p  = p * (1 - lr * wd) - (lr / bc1) * m / (sqrt(v) * (1 / sqrt(bc2)) + eps)
+//   p  = lerp(p, anchor, c / (1 + c)), c = min((lr * lambda) * F, max)   (decoupled mode: the proximal pull)
 // (torch divides sqrt(v) by sqrt(bc2); multiplying by the reciprocal differs by at most an ulp in the denominator
 // and frees the FP divider, which sqrt and the other division already keep busy: 25% less compute per element,
 // measured, which matters when one core streams from memory faster than it computes.)
 // and reduces sum(F * d * d) and sum(e * e) in the same pass.
 //
 // Memory traffic per element (float32 p/g/m/v): read p, g, m, v and write p, m, v = 28 bytes; EWC adds the reads
-// of F and anchor: +8 bytes (float32) or +4 bytes (bfloat16). Nothing else is read or written, so the kernel runs
-// at memory bandwidth when the chunking keeps both cores streaming.
+// of F and anchor: +8 bytes (float32) or +4 bytes (bfloat16), in either mode (the decoupled pull reuses the F and
+// anchor values already loaded). Nothing else is read or written, so the kernel runs at memory bandwidth when the
+// chunking keeps both cores streaming.
 //
 // Work split: the concatenated index space of all tensors is cut into chunks of kChunk elements (a chunk never
 // spans two tensors); chunks are dealt to threads statically, so small tensors do not serialize and big ones are
@@ -42,6 +45,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -74,6 +78,8 @@ inline float to_compute(bf16_bits x) {
 template <typename T>
 struct Coeffs {
   T ewc_lambda, grad_mul, total_mul;
+  bool decoupled;  // the EWC term as a pull after the Adam update, not a gradient
+  T pull_rate;     // lr * lambda (decoupled)
   T lerp_weight;  // 1 - beta1
   bool lerp_small;  // torch's lerp picks its formula by |weight| < 0.5
   T beta2, one_minus_beta2, inv_bc2_sqrt, eps, decay, neg_step_size;
@@ -86,28 +92,35 @@ struct Chunk {
 
 // Compile-time switches keep the loop free of per-element branches and of useless work: LERP_SMALL picks torch's
 // lerp formula (by |1 - beta1| < 0.5; a per-element select on the uniform flag made GCC emit a loop 4-8x slower),
-// HAS_SCALE drops the two clip multiplies when there is no clipping. With one core streaming from memory the loop is
-// close to compute-bound, so every operation saved shows in the time.
-template <typename T, typename TF, typename TA, bool HAS_EWC, bool LERP_SMALL, bool HAS_SCALE>
+// HAS_SCALE drops the two clip multiplies when there is no clipping, DECOUPLED (with HAS_EWC) moves the EWC term
+// from the gradient to the pull after the update. With one core streaming from memory the loop is close to
+// compute-bound, so every operation saved shows in the time.
+template <typename T, typename TF, typename TA, bool HAS_EWC, bool LERP_SMALL, bool HAS_SCALE, bool DECOUPLED>
 inline void step_chunk_impl(T* __restrict p, const T* __restrict g, T* __restrict m, T* __restrict v,
                             const TF* __restrict f, const TA* __restrict a, int64_t n, const Coeffs<T>& c,
                             double* out) {
   T pen = 0, fd_sq = 0;
   const T lam = c.ewc_lambda, gm = c.grad_mul, tm = c.total_mul, w = c.lerp_weight, b2 = c.beta2,
-          omb2 = c.one_minus_beta2, ibc2s = c.inv_bc2_sqrt, eps = c.eps, decay = c.decay, nss = c.neg_step_size;
+          omb2 = c.one_minus_beta2, ibc2s = c.inv_bc2_sqrt, eps = c.eps, decay = c.decay, nss = c.neg_step_size,
+          rate = c.pull_rate, cmax = std::numeric_limits<T>::max();
 #pragma omp simd reduction(+ : pen, fd_sq)
   for (int64_t i = 0; i < n; ++i) {
     const T pi = p[i];
     T gi = g[i];
+    T fi = 0, ai = 0;
     if constexpr (HAS_SCALE) {
       gi = gi * gm;  // clip "task" (total_mul = 1) or 1 for clip "total" (grad_mul = 1): exact either way
     }
     if constexpr (HAS_EWC) {
-      const T d = pi - to_compute(a[i]);
-      const T fd = to_compute(f[i]) * d;
+      fi = to_compute(f[i]);
+      ai = to_compute(a[i]);
+      const T d = pi - ai;
+      const T fd = fi * d;
       pen = fmadd(fd, d, pen);
       fd_sq = fmadd(fd, fd, fd_sq);  // sum(e^2) = lambda^2 * sum((F d)^2), scaled once at the end
-      gi = gi + lam * fd;  // e = lambda * (F d), then g + e: two roundings, as the reference
+      if constexpr (!DECOUPLED) {
+        gi = gi + lam * fd;  // e = lambda * (F d), then g + e: two roundings, as the reference
+      }
     }
     if constexpr (HAS_SCALE) {
       gi = gi * tm;
@@ -121,29 +134,50 @@ inline void step_chunk_impl(T* __restrict p, const T* __restrict g, T* __restric
     }
     const T vn = v[i] * b2 + omb2 * gi * gi;
     const T denom = std::sqrt(vn) * ibc2s + eps;
+    T pn = pi * decay + nss * (mn / denom);
+    if constexpr (HAS_EWC && DECOUPLED) {
+      // the proximal pull lerp(p, anchor, c / (1 + c)) with torch's lerp formulas (see ewc_adamw_ref): both
+      // branches stay between p and the anchor for any c >= 0; c capped so that inf / inf cannot occur
+      const T cf = std::min(fi * rate, cmax);
+      const T wp = cf / (cf + T(1));
+      const T toward = ai - pn;
+      pn = wp < T(0.5) ? fmadd(wp, toward, pn) : fmadd(wp - T(1), toward, ai);
+    }
     m[i] = mn;
     v[i] = vn;
-    p[i] = pi * decay + nss * (mn / denom);
+    p[i] = pn;
   }
   out[0] = static_cast<double>(pen);
   out[1] = static_cast<double>(lam) * static_cast<double>(lam) * static_cast<double>(fd_sq);
 }
 
-template <typename T, typename TF, typename TA, bool HAS_EWC>
-inline void step_chunk(T* p, const T* g, T* m, T* v, const TF* f, const TA* a, int64_t n, const Coeffs<T>& c,
-                       double* out) {
+template <typename T, typename TF, typename TA, bool HAS_EWC, bool DECOUPLED>
+inline void step_chunk_mode(T* p, const T* g, T* m, T* v, const TF* f, const TA* a, int64_t n, const Coeffs<T>& c,
+                            double* out) {
   const bool scale = c.grad_mul != T(1) || c.total_mul != T(1);
   if (c.lerp_small) {
     if (scale) {
-      step_chunk_impl<T, TF, TA, HAS_EWC, true, true>(p, g, m, v, f, a, n, c, out);
+      step_chunk_impl<T, TF, TA, HAS_EWC, true, true, DECOUPLED>(p, g, m, v, f, a, n, c, out);
     } else {
-      step_chunk_impl<T, TF, TA, HAS_EWC, true, false>(p, g, m, v, f, a, n, c, out);
+      step_chunk_impl<T, TF, TA, HAS_EWC, true, false, DECOUPLED>(p, g, m, v, f, a, n, c, out);
     }
   } else if (scale) {
-    step_chunk_impl<T, TF, TA, HAS_EWC, false, true>(p, g, m, v, f, a, n, c, out);
+    step_chunk_impl<T, TF, TA, HAS_EWC, false, true, DECOUPLED>(p, g, m, v, f, a, n, c, out);
   } else {
-    step_chunk_impl<T, TF, TA, HAS_EWC, false, false>(p, g, m, v, f, a, n, c, out);
+    step_chunk_impl<T, TF, TA, HAS_EWC, false, false, DECOUPLED>(p, g, m, v, f, a, n, c, out);
   }
+}
+
+template <typename T, typename TF, typename TA, bool HAS_EWC>
+inline void step_chunk(T* p, const T* g, T* m, T* v, const TF* f, const TA* a, int64_t n, const Coeffs<T>& c,
+                       double* out) {
+  if constexpr (HAS_EWC) {  // without EWC state the mode changes nothing: one instantiation
+    if (c.decoupled) {
+      step_chunk_mode<T, TF, TA, true, true>(p, g, m, v, f, a, n, c, out);
+      return;
+    }
+  }
+  step_chunk_mode<T, TF, TA, HAS_EWC, false>(p, g, m, v, f, a, n, c, out);
 }
 
 template <typename T, typename TF, typename TA, bool HAS_EWC>
@@ -204,6 +238,8 @@ inline S* at_(const Ptrs& ptrs, int64_t t) {
 
 struct StepArgs {
   double ewc_lambda, lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2, grad_mul, total_mul;
+  bool decoupled;
+  double pull_rate;
 };
 
 // Scalars are formed in double on the host and rounded once to the compute type, as torch's foreach AdamW does.
@@ -213,6 +249,8 @@ Coeffs<T> make_coeffs(const StepArgs& s) {
   c.ewc_lambda = T(s.ewc_lambda);
   c.grad_mul = T(s.grad_mul);
   c.total_mul = T(s.total_mul);
+  c.decoupled = s.decoupled;
+  c.pull_rate = T(s.pull_rate);
   c.lerp_weight = T(1.0 - s.beta1);
   c.lerp_small = std::abs(1.0 - s.beta1) < 0.5;
   c.beta2 = T(s.beta2);
@@ -289,19 +327,23 @@ std::pair<double, double> dispatch(const std::string& param_dtype, bool has_ewc,
 }  // namespace
 
 // One fused step over same-dtype lists of contiguous tensors, given as data pointers and element counts. Empty
-// fisher/anchor lists mean no EWC. Returns (sum(F * d * d), sum(e * e)), zeros without EWC.
+// fisher/anchor lists mean no EWC. `decoupled`: the EWC term as the pull lerp(p, anchor, c / (1 + c)), c =
+// pull_rate * F, after the update instead of a gradient. Returns (sum(F * d * d), sum(e * e)), zeros without EWC.
 std::pair<double, double> ewc_adamw_step(const std::vector<int64_t>& sizes, const Ptrs& params, const Ptrs& grads,
                                          const Ptrs& exp_avgs, const Ptrs& exp_avg_sqs, const Ptrs& fishers,
                                          const Ptrs& anchors, const std::string& param_dtype,
                                          const std::string& fisher_dtype, const std::string& anchor_dtype,
                                          double ewc_lambda, double lr, double beta1, double beta2, double eps,
                                          double weight_decay, double bias_correction1, double bias_correction2,
-                                         double grad_mul, double total_mul) {
+                                         double grad_mul, double total_mul, bool decoupled, double pull_rate) {
   const bool has_ewc = !fishers.empty();
   check_lengths(sizes, {&params, &grads, &exp_avgs, &exp_avg_sqs});
   if (has_ewc) check_lengths(sizes, {&fishers, &anchors});
-  const StepArgs args{ewc_lambda,       lr,       beta1,    beta2,    eps, weight_decay, bias_correction1,
-                      bias_correction2, grad_mul, total_mul};
+  if (decoupled && total_mul != 1.0) {
+    throw std::invalid_argument("ewc_adamw: decoupled mode clips the data gradient only (grad_mul)");
+  }
+  const StepArgs args{ewc_lambda, lr,       beta1,     beta2,     eps,       weight_decay,
+                      bias_correction1, bias_correction2, grad_mul, total_mul, decoupled, pull_rate};
   return dispatch(param_dtype, has_ewc, fisher_dtype, anchor_dtype,
                   StepFn{sizes, params, grads, exp_avgs, exp_avg_sqs, fishers, anchors, args});
 }

@@ -1,20 +1,36 @@
 """Fused EWC-AdamW step: the Fisher-weighted pull towards the anchor, AdamW, and the penalty, in one pass.
 
-What it computes, per element of every parameter (the definition is `ewc_adamw_ref`):
+What it computes, per element of every parameter (the definition is `ewc_adamw_ref`), in one of two modes
+(`ewc_mode`; s is the clip scale of `grad_scale`, 1 without clipping):
 
     d  = p - anchor                        (at the pre-step p)
     e  = ewc_lambda * (F * d)              the gradient of (lambda/2) * sum(F * (p - anchor)^2)
-    g' = g * s + e      clip "task"        (s: the clip scale of `grad_scale`, 1 without clipping)
+
+  "coupled" (default): the EWC gradient goes through Adam's moments, like L2 regularisation inside Adam
+    g' = g * s + e      clip "task"
     g' = (g + e) * s    clip "total"
     then exactly torch.optim.AdamW on g' (decoupled weight decay, bias correction, torch's lerp for m):
     p  = p * (1 - lr * wd);  m = lerp(m, g', 1 - beta1);  v = v * beta2 + (1 - beta2) * g' * g'
     p  = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
-and in the same pass the reductions (lambda/2) * sum(F * d^2) (the penalty) and sum(e^2) (the squared norm of
-the EWC gradient). `ewc_grad_sq_norms` is the extra read pass that clip mode "total" needs before the step:
-sum(g^2) and sum((g + e)^2), nothing written.
+  "decoupled": Adam sees the data gradient only, then the parameter moves towards its anchor (as AdamW decouples
+  weight decay from the moments), by the implicit (proximal) step of the penalty over a time lr:
+    g' = g * s          (clip "task" only: "total" would clip the data gradient by a norm the EWC term no longer
+                         enters, so the two are refused together)
+    the AdamW update above on g', giving p;  then with c = (lr * lambda) * F (capped at the dtype's largest finite
+    value) and w = c / (1 + c) in [0, 1]:
+    p  = lerp(p, anchor, w)  =  (p + c * anchor) / (1 + c)
+    See `ewc_adamw_ref` for the derivation and why this form. lambda there means "a parameter with Fisher F
+    relaxes towards its anchor at rate lambda * F per unit of learning rate", independent of the data gradient's
+    size; in coupled mode lambda * F * d is a gradient that Adam divides by the running RMS of g + e.
 
-Bytes each variant must move per element (p, g, m, v float32; the floor a memory-bound kernel approaches):
+and in the same pass, in both modes, the reductions (lambda/2) * sum(F * d^2) (the penalty) and sum(e^2) (the
+squared norm of the EWC gradient), at the pre-step p: the metrics mean the same in both modes.
+`ewc_grad_sq_norms` is the extra read pass that clip mode "total" needs before the step: sum(g^2) and
+sum((g + e)^2), nothing written.
+
+Bytes each variant must move per element (p, g, m, v float32; the floor a memory-bound kernel approaches); the
+decoupled pull reads the F and anchor elements the pass has already loaded, so both modes move the same bytes:
 
     AdamW, no EWC (lambda = 0 or no EWC state)    read p g m v, write p m v       28 B   (1.00x)
     EWC, F and anchor float32                     + read F, anchor                36 B   (1.29x)
@@ -23,7 +39,8 @@ Bytes each variant must move per element (p, g, m, v float32; the floor a memory
     norm pass, clip "task"                        read g                          4 B
 
 Backends (each a module with `step(group, grads, scalars)` and `grad_sq_norms(group, grads, ewc_lambda)`, one
-call per TensorGroup; this module validates, groups and dispatches):
+call per TensorGroup; this module validates, groups and dispatches. Each runs both EWC modes: the Triton and C++
+kernels in their one pass, by a DECOUPLED constexpr and a template flag; the torch backend by a foreach lerp):
     "triton"  CUDA: kernels/ewc_adamw_triton.py. One launch over every full block of a group's tensors and one over
               their last partial blocks, from pointer tables cached on the group (see that file); runs in Triton's
               CPU interpreter under TRITON_INTERPRET=1 (tests). triton is imported only when this backend is used.
@@ -51,6 +68,7 @@ from kernels import ewc_adamw_cpp, ewc_adamw_torch
 
 BACKENDS = ("triton", "cpp", "torch")
 CLIP_MODES = ("task", "total")
+EWC_MODES = ("coupled", "decoupled")
 DEFAULT_BLOCK = 2048
 EWC_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -72,13 +90,44 @@ def ewc_adamw_ref(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: S
                   exp_avg_sqs: Sequence[Tensor], *, fishers: Sequence[Tensor | None] | None = None,
                   anchors: Sequence[Tensor | None] | None = None, ewc_lambda: float = 0.0, lr: float,
                   betas: tuple[float, float], eps: float, weight_decay: float, step: int,
-                  grad_scale: float | Tensor | None = None, clip_mode: str = "task") -> tuple[Tensor, Tensor]:
+                  grad_scale: float | Tensor | None = None, clip_mode: str = "task",
+                  ewc_mode: str = "coupled") -> tuple[Tensor, Tensor]:
     """The definition, one tensor at a time in plain torch, in place on params, exp_avgs, exp_avg_sqs.
 
     `step` is the step number being taken (1 for the first). F and anchor are upcast to the parameter's dtype
     (bfloat16 -> float32 is exact), so every backend does identical math on the upcast values.
-    Returns 0-dim float64 tensors (penalty, sum of squares of the EWC gradient) at the pre-step parameters.
+    Returns 0-dim float64 tensors (penalty, sum of squares of the EWC gradient) at the pre-step parameters, in
+    both modes.
+
+    Decoupled mode, the form of the pull. The penalty's gradient flow dθ/dt = -λF(θ - θ*), taken over a time lr
+    from the post-Adam θ, has the explicit Euler step θ - c(θ - θ*) with c = lr·λ·F: it overshoots the anchor once
+    c > 1 and diverges once c > 2, and c spans many decades in practice (λ from 1e2 to 1e12 in the reference study,
+    F over orders of magnitude). The implicit (backward Euler) step solves θ' = θ - c(θ' - θ*):
+
+        θ' = (θ + c·θ*) / (1 + c) = θ* + (θ - θ*) / (1 + c) = lerp(θ, θ*, w),   w = c / (1 + c) in [0, 1]
+
+    which is the proximal operator of the penalty: θ' = argmin_x (λ/2)F(x - θ*)² + (x - θ)²/(2 lr). It equals the
+    explicit step to first order (w = c - c² + ...), contracts the distance to the anchor by 1/(1 + c) for any
+    c >= 0, and never crosses the anchor: c -> inf lands on θ* exactly, c = 0 leaves θ unchanged bit for bit. The
+    exact flow θ* + (θ - θ*)·exp(-c) has the same properties but needs exp, whose result differs in the last bit
+    between torch, libm and the GPU; a division is correctly rounded everywhere, so all backends compute the same
+    w. Written as torch's lerp (θ + w(θ* - θ) for w < 0.5, θ* - (θ* - θ)(1 - w) otherwise), the rounded result
+    also stays between θ and θ*: each branch adds to one end at most half (times 1 + 2^-23) of the distance to the
+    other end, and rounding cannot leave an interval whose ends are floats. c is capped at the dtype's largest
+    finite value so that w = 1, not inf/inf, when lr·λ·F overflows.
+
+    The pull starts from the post-Adam θ (after weight decay and the Adam update): the step is then the Adam step
+    on the data loss followed by the exact proximal step on the penalty (forward-backward splitting, as AdamW
+    applies its decay outside the moments), and the written parameter lies between what Adam alone would have
+    written and the anchor. A pull from the pre-step θ would be added to a θ that Adam has already moved, and could
+    carry it past the anchor.
     """
+    if ewc_mode not in EWC_MODES:
+        raise ValueError(f"ewc_adamw: ewc_mode must be 'coupled' or 'decoupled', got {ewc_mode!r}")
+    decoupled = ewc_mode == "decoupled"
+    if decoupled and clip_mode == "total":
+        raise ValueError("ewc_adamw: clip mode 'total' clips the sum of the data and EWC gradients, which decoupled "
+                         "mode does not form; use clip mode 'task'")
     beta1, beta2 = betas
     fishers, anchors, (penalty, ewc_sq) = _ref_inputs(params, fishers, anchors)
     bias_correction1 = 1 - beta1**step
@@ -100,7 +149,7 @@ def ewc_adamw_ref(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: S
         else:
             if grad_scale is not None:
                 g = g * grad_scale
-            if e is not None:
+            if e is not None and not decoupled:
                 g = g + e
         # torch.optim.AdamW, single-tensor path.
         p.mul_(1 - lr * weight_decay)
@@ -109,6 +158,10 @@ def ewc_adamw_ref(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: S
         step_size = lr / bias_correction1
         denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(eps)
         p.addcdiv_(m, denom, value=-step_size)
+        if e is not None and decoupled:
+            # lr * lambda formed in float64 and rounded once, as every scalar of the step
+            c = (f.to(p.dtype) * (lr * ewc_lambda)).clamp_(max=torch.finfo(p.dtype).max)
+            p.lerp_(a.to(p.dtype), c / (c + 1))
     return penalty, ewc_sq
 
 
@@ -280,7 +333,8 @@ def group_grads(group: TensorGroup, grads: Sequence[Tensor], *, check: bool = Tr
 @dataclass(frozen=True)
 class StepScalars:
     """A step's scalars, formed in float64 on the host (as torch's foreach AdamW does) and rounded once by the
-    kernel, with the clip scale s (`grad_scale`; None: no clipping) and where it applies (`clip_total`)."""
+    kernel, with the clip scale s (`grad_scale`; None: no clipping) and where it applies (`clip_total`), and the
+    EWC mode: `decoupled` (the pull after the Adam update) with its rate `pull_rate` = lr * lambda."""
 
     ewc_lambda: float
     lr: float
@@ -292,16 +346,25 @@ class StepScalars:
     bias_correction2: float
     grad_scale: float | Tensor | None
     clip_total: bool
+    decoupled: bool
+    pull_rate: float
 
     @classmethod
-    def make(cls, *, ewc_lambda, lr, betas, eps, weight_decay, step, grad_scale, clip_mode) -> StepScalars:
+    def make(cls, *, ewc_lambda, lr, betas, eps, weight_decay, step, grad_scale, clip_mode,
+             ewc_mode) -> StepScalars:
         if step < 1:
             raise ValueError(f"ewc_adamw: step counts from 1 (the step being taken), got {step}")
         if clip_mode not in CLIP_MODES:
             raise ValueError(f"ewc_adamw: clip_mode must be 'task' or 'total', got {clip_mode!r}")
+        if ewc_mode not in EWC_MODES:
+            raise ValueError(f"ewc_adamw: ewc_mode must be 'coupled' or 'decoupled', got {ewc_mode!r}")
+        if ewc_mode == "decoupled" and clip_mode == "total":
+            raise ValueError("ewc_adamw: clip mode 'total' clips the sum of the data and EWC gradients, which "
+                             "decoupled mode does not form; use clip mode 'task'")
         beta1, beta2 = (float(b) for b in betas)
         return cls(float(ewc_lambda), float(lr), beta1, beta2, float(eps), float(weight_decay),
-                   1 - beta1**step, 1 - beta2**step, grad_scale, clip_mode == "total")
+                   1 - beta1**step, 1 - beta2**step, grad_scale, clip_mode == "total", ewc_mode == "decoupled",
+                   float(lr) * float(ewc_lambda))
 
     def scale_tensor(self, device: torch.device, dtype: torch.dtype) -> Tensor | None:
         """s as a 0-dim tensor on the device (read by the kernel: no host sync), None without clipping."""
@@ -382,11 +445,11 @@ def _sum_pairs(pairs: list[tuple[Tensor, Tensor]], grads: Sequence[Tensor]) -> t
 
 def step_groups(groups: Sequence[TensorGroup], grads: Sequence[Tensor], *, ewc_lambda: float, lr: float,
                 betas: tuple[float, float], eps: float, weight_decay: float, step: int,
-                grad_scale: float | Tensor | None = None, clip_mode: str = "task", backend: str,
-                check_grads: bool = True) -> tuple[Tensor, Tensor]:
+                grad_scale: float | Tensor | None = None, clip_mode: str = "task", ewc_mode: str = "coupled",
+                backend: str, check_grads: bool = True) -> tuple[Tensor, Tensor]:
     """The step on prepared groups (see ewc_adamw_); `grads` is the caller's full list, picked by group.indices."""
     scalars = StepScalars.make(ewc_lambda=ewc_lambda, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                               step=step, grad_scale=grad_scale, clip_mode=clip_mode)
+                               step=step, grad_scale=grad_scale, clip_mode=clip_mode, ewc_mode=ewc_mode)
     results = []
     for group in groups:
         module = _backend_module(backend, group.device)
@@ -411,12 +474,14 @@ def ewc_adamw_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
                exp_avg_sqs: Sequence[Tensor], *, fishers: Sequence[Tensor | None] | None = None,
                anchors: Sequence[Tensor | None] | None = None, ewc_lambda: float = 0.0, lr: float,
                betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, step: int,
-               grad_scale: float | Tensor | None = None, clip_mode: str = "task", backend: str = "torch",
-               block: int = DEFAULT_BLOCK) -> tuple[Tensor, Tensor]:
+               grad_scale: float | Tensor | None = None, clip_mode: str = "task", ewc_mode: str = "coupled",
+               backend: str = "torch", block: int = DEFAULT_BLOCK) -> tuple[Tensor, Tensor]:
     """One fused EWC-AdamW step, in place on params, exp_avgs and exp_avg_sqs (see the module docstring).
 
     `step` is the step being taken (1 first); `grad_scale` the clip scale s (a float or a 1-element tensor on the
-    device, read by the kernel: no host sync); `clip_mode` where s applies ("task": to g; "total": to g + e).
+    device, read by the kernel: no host sync); `clip_mode` where s applies ("task": to g; "total": to g + e);
+    `ewc_mode` "coupled" (e enters Adam's moments) or "decoupled" (the proximal pull after the Adam update; clip
+    mode "task" only).
     Returns 0-dim float64 tensors on the device: the penalty (lambda/2) sum F (p - anchor)^2 at the pre-step p,
     and sum(e^2), the squared norm of the EWC gradient. Empty tensors are skipped. Every call validates every
     tensor; EWCAdamW prepares the groups once (group_tensors) and calls step_groups.
@@ -427,7 +492,7 @@ def ewc_adamw_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
                            block=block)
     return step_groups(groups, grads, ewc_lambda=ewc_lambda, lr=lr, betas=betas, eps=eps,
                        weight_decay=weight_decay, step=step, grad_scale=grad_scale, clip_mode=clip_mode,
-                       backend=backend)
+                       ewc_mode=ewc_mode, backend=backend)
 
 
 def ewc_grad_sq_norms(params: Sequence[Tensor], grads: Sequence[Tensor], *,

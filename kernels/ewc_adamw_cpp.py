@@ -94,7 +94,7 @@ def step(group: TensorGroup, grads: list[Tensor], scalars: StepScalars) -> tuple
         a if group.has_ewc else [], _dtype_name(group.params[0]), *_ewc_dtype_names(group),
         scalars.ewc_lambda, scalars.lr, scalars.beta1, scalars.beta2, scalars.eps, scalars.weight_decay,
         scalars.bias_correction1, scalars.bias_correction2,
-        1.0 if scalars.clip_total else s, s if scalars.clip_total else 1.0)
+        1.0 if scalars.clip_total else s, s if scalars.clip_total else 1.0, scalars.decoupled, scalars.pull_rate)
     return (torch.tensor(scalars.ewc_lambda / 2 * pen, dtype=torch.float64), torch.tensor(sq, dtype=torch.float64))
 
 

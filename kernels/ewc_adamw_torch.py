@@ -1,8 +1,8 @@
 """The torch backend of kernels/ewc_adamw.py: torch._foreach_* ops, any device and float64.
 
-Several passes over memory (each foreach op reads and writes its operands): the fallback where neither the Triton
-kernel nor the C++ extension runs, and the float64 path on CUDA. The same math as `ewc_adamw_ref` and
-torch.optim.AdamW's foreach path, one TensorGroup per call.
+Several passes over memory (each foreach op reads and writes its operands; decoupled mode adds a few for the pull
+towards the anchor): the fallback where neither the Triton kernel nor the C++ extension runs, and the float64 path
+on CUDA. The same math as `ewc_adamw_ref` and torch.optim.AdamW's foreach path, one TensorGroup per call.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def step(group: TensorGroup, grads: list[Tensor], scalars: StepScalars) -> tuple
         e = torch._foreach_mul(fd, scalars.ewc_lambda)
         del fd
         ewc_sq = _dot_sum(e, e)
-        if scalars.clip_total:
+        if scalars.decoupled:  # Adam sees g * s only; e acts after the update (below)
+            grads = torch._foreach_mul(grads, grad_scale) if grad_scale is not None else grads
+        elif scalars.clip_total:
             grads = torch._foreach_add(grads, e)
             if grad_scale is not None:
                 torch._foreach_mul_(grads, grad_scale)
@@ -60,6 +62,14 @@ def step(group: TensorGroup, grads: list[Tensor], scalars: StepScalars) -> tuple
     torch._foreach_div_(denom, math.sqrt(scalars.bias_correction2))
     torch._foreach_add_(denom, scalars.eps)
     torch._foreach_addcdiv_(group.params, group.exp_avgs, denom, -(scalars.lr / scalars.bias_correction1))
+    del denom
+    if group.has_ewc and scalars.decoupled:
+        # p = lerp(p, anchor, w), w = c / (1 + c), c = lr * lambda * F capped (see ewc_adamw_ref)
+        c = torch._foreach_mul(_upcast(group.fishers, group.dtype), scalars.pull_rate)
+        torch._foreach_clamp_max_(c, torch.finfo(group.dtype).max)
+        w = torch._foreach_div(c, torch._foreach_add(c, 1.0))
+        del c
+        torch._foreach_lerp_(group.params, _upcast(group.anchors, group.dtype), w)
     return penalty, ewc_sq
 
 

@@ -7,7 +7,9 @@ shards at stable addresses); the gradients' pointers go in a separate small tabl
 makes new gradients). Unmasked full blocks keep 128-bit vector accesses: the tensor sizes are not known to the
 compiler, so one masked path for everything would fall back to scalar accesses. The penalty and the norm are
 reduced per program into a small buffer, summed afterwards (deterministic, no atomics, no host synchronisation).
-Step count, lr, betas, eps, weight decay and lambda are runtime arguments: a new step never recompiles.
+Step count, lr, betas, eps, weight decay and lambda are runtime arguments: a new step never recompiles. The EWC
+mode is a constexpr (DECOUPLED): the same single pass, the pull towards the anchor applied to p in registers
+before its store, from the F and anchor values already loaded for the penalty.
 
 CUDA tensors, or CPU tensors in Triton's interpreter when the process was started with TRITON_INTERPRET=1 (tests):
 the same kernel source and pointer tables, but nothing is compiled and the `tl.multiple_of` alignment hints are
@@ -57,9 +59,10 @@ if triton is not None:
         partials,  # float32 [B, 2]: per-program sum(F d^2), sum(e^2)
         grad_scale,  # float32 [1]: the clip scale (HAS_SCALE)
         ewc_lambda, lerp_weight, beta2, one_minus_beta2, bc2_sqrt, eps, decay, neg_step_size,
+        pull_rate,  # lr * lambda (DECOUPLED)
         HAS_EWC: tl.constexpr, F_BF16: tl.constexpr, A_BF16: tl.constexpr, HAS_SCALE: tl.constexpr,
-        CLIP_TOTAL: tl.constexpr, LERP_SMALL: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr,
-        BLOCK: tl.constexpr,
+        CLIP_TOTAL: tl.constexpr, DECOUPLED: tl.constexpr, LERP_SMALL: tl.constexpr, MASKED: tl.constexpr,
+        ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
         t = tl.load(blocks + pid)
@@ -104,7 +107,10 @@ if triton is not None:
                 sq = tl.where(mask, sq, 0.0)
             tl.store(partials + 2 * pid, tl.sum(pen, axis=0))
             tl.store(partials + 2 * pid + 1, tl.sum(sq, axis=0))
-            if HAS_SCALE:
+            if DECOUPLED:  # Adam sees g * s only; F and anchor stay in registers for the pull below
+                if HAS_SCALE:
+                    g = g * s
+            elif HAS_SCALE:
                 if CLIP_TOTAL:
                     g = (g + e) * s
                 else:
@@ -123,6 +129,14 @@ if triton is not None:
         # IEEE sqrt and division (the defaults are approximate on the GPU): the kernel is memory-bound anyway.
         denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
         p = p * decay + neg_step_size * tl.div_rn(m, denom)
+        if HAS_EWC:
+            if DECOUPLED:
+                # the proximal pull lerp(p, anchor, c / (1 + c)) in torch's lerp form (see ewc_adamw_ref): between
+                # p and the anchor for any c >= 0; c capped at float32's largest finite value (no inf / inf)
+                c = tl.minimum(f * pull_rate, 3.4028234663852886e38)
+                w = tl.div_rn(c, c + 1.0)
+                toward = a - p
+                p = tl.where(w < 0.5, p + w * toward, a - toward * (1.0 - w))
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
         tl.store(p_ptr + offs, p, mask=mask)
@@ -269,9 +283,10 @@ def step(group: TensorGroup, grads: list[Tensor], scalars: StepScalars) -> tuple
     lerp_weight = 1 - scalars.beta1
     args = (grad_scale if grad_scale is not None else partials, scalars.ewc_lambda, lerp_weight, scalars.beta2,
             1 - scalars.beta2, math.sqrt(scalars.bias_correction2), scalars.eps,
-            1 - scalars.lr * scalars.weight_decay, -(scalars.lr / scalars.bias_correction1))
+            1 - scalars.lr * scalars.weight_decay, -(scalars.lr / scalars.bias_correction1), scalars.pull_rate)
     _launch_both(ewc_adamw_kernel, tables, group.block, grads, partials, args, **_ewc_constexprs(group),
-                 HAS_SCALE=grad_scale is not None, CLIP_TOTAL=scalars.clip_total, LERP_SMALL=abs(lerp_weight) < 0.5)
+                 HAS_SCALE=grad_scale is not None, CLIP_TOTAL=scalars.clip_total,
+                 DECOUPLED=group.has_ewc and scalars.decoupled, LERP_SMALL=abs(lerp_weight) < 0.5)
     if not group.has_ewc:
         zero = torch.zeros((), dtype=torch.float64, device=device)
         return zero, zero

@@ -22,12 +22,15 @@ def test_defaults_toml_and_overrides(tmp_path):
     assert config.ewc.ewc_lambda == 10.0 and isinstance(config.ewc.ewc_lambda, float) and config.ewc.clip == "total"
     assert config.model.attention == "eager" and config.data.stores == ["a", "b"]
     assert config.data.batch_size == TrainConfig().data.batch_size
+    assert config.ewc.mode == "coupled"  # the default: today's behaviour
 
 
 def test_toml_round_trip(tmp_path):
-    config = load_config(None, ["ewc.file=x", "ewc.lambda=3.5", "data.stores=['s']", "parallel.compile=true"])
+    config = load_config(None, ["ewc.file=x", "ewc.lambda=3.5", "data.stores=['s']", "parallel.compile=true",
+                                "ewc.mode=decoupled"])
     again = load_config(_write(tmp_path, to_toml(config)))
-    assert again == config
+    assert again == config and again.ewc.mode == "decoupled"
+    assert 'mode = "decoupled"' in to_toml(config)  # recorded in every checkpoint's config.toml
 
 
 @pytest.mark.parametrize("override,message", [
@@ -37,6 +40,7 @@ def test_toml_round_trip(tmp_path):
     ("data.seq_len=2.5", r"data.seq_len must be an integer"),
     ("parallel.compile=1", r"parallel.compile must be true or false"),
     ("ewc.clip=both", r"ewc.clip must be one of task, total"),
+    ("ewc.mode=proximal", r"ewc.mode must be one of coupled, decoupled"),
     ("ewc.lambda=5", r"ewc.lambda > 0 needs ewc.file"),
     ("data.weights=[1.0]", r"data.weights has 1 entries for 0 data.stores"),
     ("optim.lr", r"--set expects key=value"),
@@ -44,6 +48,13 @@ def test_toml_round_trip(tmp_path):
 def test_bad_values_are_clear_errors(override, message):
     with pytest.raises(UserError, match=message):
         load_config(None, [override])
+
+
+def test_decoupled_mode_refuses_clip_total(tmp_path):
+    path = _write(tmp_path, '[ewc]\nfile = "f.safetensors"\nlambda = 10\nmode = "decoupled"\n')
+    assert load_config(path).ewc.clip == "task"
+    with pytest.raises(UserError, match="ewc.clip = total .* ewc.mode = decoupled .* use ewc.clip = task"):
+        load_config(path, ["ewc.clip=total"])
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -23,6 +23,8 @@ BIG = [(40_000,)]
 EWC_DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                    (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]
 HYPER = dict(lr=3e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+# (clip mode, EWC mode): every pair the step accepts ("total" with "decoupled" is refused: see its test)
+MODES = [("task", "coupled"), ("total", "coupled"), ("task", "decoupled")]
 
 
 def make_case(sizes, *, fisher_dtype=torch.float32, anchor_dtype=torch.float32, dtype=torch.float32,
@@ -94,18 +96,61 @@ def assert_sums_close(actual, expected, *, rtol=2e-5):
 
 
 def check_backend_matches_reference(backend, sizes, fisher_dtype, anchor_dtype, clip_mode, *, device="cpu",
-                                    with_scale=True, ewc_lambda=0.7, block=K.DEFAULT_BLOCK):
+                                    with_scale=True, ewc_lambda=0.7, block=K.DEFAULT_BLOCK, ewc_mode="coupled"):
     params, grads, fishers, anchors = make_case(sizes, fisher_dtype=fisher_dtype, anchor_dtype=anchor_dtype,
                                                 device=device)
     scales = [torch.tensor(s, device=device) for s in (0.5, 1.0, 0.25, 0.8, 0.9)] if with_scale else None
     ref = run_steps(K.ewc_adamw_ref, params, grads, fishers, anchors, ewc_lambda=ewc_lambda, grad_scales=scales,
-                    clip_mode=clip_mode)
+                    clip_mode=clip_mode, ewc_mode=ewc_mode)
     out = run_steps(K.ewc_adamw_, params, grads, fishers, anchors, ewc_lambda=ewc_lambda, grad_scales=scales,
-                    clip_mode=clip_mode, backend=backend, block=block)
+                    clip_mode=clip_mode, ewc_mode=ewc_mode, backend=backend, block=block)
     for name, a, b in zip("pmv", out[:3], ref[:3]):
         assert_rel_close(a, b, rtol=1e-6, what=name)
     assert_sums_close(out[3], ref[3])
     assert ref[3][0][0] > 0 if ewc_lambda else ref[3][0][0] == 0
+
+
+def check_decoupled_pull(backend, *, dtype=torch.float32, device="cpu", block=K.DEFAULT_BLOCK, sizes=SIZES + BIG):
+    """Decoupled mode against the properties of its definition, on the backend's own results, after three earlier
+    decoupled steps: the moments are plain AdamW's on g * s bit for bit (the EWC term never enters them); every
+    parameter ends between its Adam-updated value (the same backend with lambda = 0) and its anchor, on the
+    anchor's side; F = 0 leaves the Adam value exactly; lr·λ·F huge (beyond float32's range: the cap) lands on the
+    anchor exactly; lr·λ·F tiny (float64, where the pull is visible) is the explicit step lr·λ·F (θ* - θ)."""
+    ewc_dtypes = (torch.float64, torch.float64) if dtype == torch.float64 else (torch.float32, torch.bfloat16)
+    params, grads, fishers, anchors = make_case(sizes, fisher_dtype=ewc_dtypes[0], anchor_dtype=ewc_dtypes[1],
+                                                dtype=dtype, device=device, steps=4)
+    for f in fishers:
+        if f is not None:
+            f.view(-1)[::5] = 0  # no Fisher information: no pull
+    kw = dict(fishers=fishers, anchors=anchors, **HYPER, backend=backend, block=block)
+    p, m, v, _ = run_steps(K.ewc_adamw_, params, grads[:3], fishers, anchors, ewc_lambda=0.7,
+                           grad_scales=[0.5, 1.0, 0.25], ewc_mode="decoupled", backend=backend, block=block)
+    scale = torch.tensor(0.5, dtype=dtype, device=device)
+    plain = [[x.clone() for x in t] for t in (p, m, v)]
+    K.ewc_adamw_(*plain[:1], grads[3], *plain[1:], ewc_lambda=0.0, step=4, grad_scale=scale, **kw)
+    cases = [("huge", 1e40), ("moderate", 0.7)] + ([("tiny", 1e-6)] if dtype == torch.float64 else [])
+    for name, lam in cases:
+        out = [[x.clone() for x in t] for t in (p, m, v)]
+        K.ewc_adamw_(*out[:1], grads[3], *out[1:], ewc_lambda=lam, step=4, grad_scale=scale, ewc_mode="decoupled",
+                     **kw)
+        moved = 0
+        for i, (po, pa, mo, ma, vo, va) in enumerate(zip(out[0], plain[0], out[1], plain[1], out[2], plain[2])):
+            assert torch.equal(mo, ma) and torch.equal(vo, va), f"{name}: moments of tensor {i} saw the EWC term"
+            if fishers[i] is None:
+                assert torch.equal(po, pa), f"{name}: tensor {i} has no EWC state but moved"
+                continue
+            anchor, f = anchors[i].to(dtype), fishers[i].to(dtype)
+            lo, hi = torch.minimum(pa, anchor), torch.maximum(pa, anchor)
+            assert bool(((po >= lo) & (po <= hi)).all()), f"{name}: tensor {i} left [adam value, anchor]"
+            assert torch.equal(po[f == 0], pa[f == 0]), f"{name}: tensor {i} moved where F = 0"
+            if name == "huge":
+                assert torch.equal(po[f > 0], anchor[f > 0]), f"{name}: tensor {i} did not land on its anchor"
+            if name == "tiny":
+                explicit = (HYPER["lr"] * lam) * f * (anchor - pa)
+                assert_rel_close([po - pa], [explicit], rtol=1e-6, what=f"{name} pull of tensor {i}",
+                                 elementwise_slack=1e3)
+            moved += int((po != pa).sum())
+        assert moved > 0, f"{name}: nothing was pulled"
 
 
 def check_norms_match_reference(backend, sizes, fisher_dtype, anchor_dtype, *, device="cpu",
@@ -129,9 +174,48 @@ def check_norms_match_reference(backend, sizes, fisher_dtype, anchor_dtype, *, d
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 @pytest.mark.parametrize("fisher_dtype,anchor_dtype", EWC_DTYPE_PAIRS)
-@pytest.mark.parametrize("clip_mode", ["task", "total"])
-def test_backend_matches_reference(seed, backend, fisher_dtype, anchor_dtype, clip_mode):
-    check_backend_matches_reference(backend, SIZES + BIG, fisher_dtype, anchor_dtype, clip_mode)
+@pytest.mark.parametrize("clip_mode,ewc_mode", MODES)
+def test_backend_matches_reference(seed, backend, fisher_dtype, anchor_dtype, clip_mode, ewc_mode):
+    check_backend_matches_reference(backend, SIZES + BIG, fisher_dtype, anchor_dtype, clip_mode, ewc_mode=ewc_mode)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decoupled_pull_stays_between_adam_value_and_anchor(seed, backend, dtype):
+    check_decoupled_pull(backend, dtype=dtype)
+
+
+def test_decoupled_reference_is_the_proximal_step(seed):
+    """The reference's pull, written as a lerp, is the implicit step (θ + c θ*) / (1 + c) of the definition (in
+    float64, for rates from tiny to huge), and its Adam part is the coupled reference with lambda = 0."""
+    params, grads, fishers, anchors = make_case(SIZES, dtype=torch.float64, fisher_dtype=torch.float64,
+                                                anchor_dtype=torch.float64, steps=1)
+    for lam in (1e-9, 0.7, 30.0, 1e12):
+        plain = run_steps(K.ewc_adamw_ref, params, grads, fishers, anchors, ewc_lambda=0.0)
+        out = run_steps(K.ewc_adamw_ref, params, grads, fishers, anchors, ewc_lambda=lam, ewc_mode="decoupled")
+        for i, (po, pa) in enumerate(zip(out[0], plain[0])):
+            if fishers[i] is None:
+                assert torch.equal(po, pa)
+                continue
+            c = HYPER["lr"] * lam * fishers[i]
+            torch.testing.assert_close(po, (pa + c * anchors[i]) / (1 + c), rtol=1e-14, atol=1e-15)
+        assert all(torch.equal(a, b) for a, b in zip(out[1] + out[2], plain[1] + plain[2]))
+        coupled = run_steps(K.ewc_adamw_ref, params, grads, fishers, anchors, ewc_lambda=lam)
+        assert out[3][0][0].item() == coupled[3][0][0].item() > 0  # the penalty at the pre-step p, in both modes
+        assert out[3][0][1].item() == coupled[3][0][1].item()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_decoupled_with_clip_total_and_unknown_modes_are_refused(backend):
+    p, g, m, v = torch.randn(4), torch.randn(4), torch.zeros(4), torch.zeros(4)
+    ewc = dict(fishers=[torch.rand(4)], anchors=[p.clone()], ewc_lambda=1.0, **HYPER, step=1)
+    for fn in (K.ewc_adamw_, K.ewc_adamw_ref):
+        kw = dict(backend=backend) if fn is K.ewc_adamw_ else {}
+        with pytest.raises(ValueError, match="clip mode 'total'.*decoupled"):
+            fn([p], [g], [m], [v], **ewc, grad_scale=0.5, clip_mode="total", ewc_mode="decoupled", **kw)
+        with pytest.raises(ValueError, match="ewc_mode must be"):
+            fn([p], [g], [m], [v], **ewc, ewc_mode="proximal", **kw)
+    assert torch.equal(m, torch.zeros(4))  # refused before anything was written
 
 
 def test_rel_close_sees_one_wrong_element_among_millions():
@@ -187,11 +271,13 @@ def test_plain_adamw_without_ewc_matches_torch_adamw(seed, backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
-def test_float64(seed, backend):
+@pytest.mark.parametrize("ewc_mode", ["coupled", "decoupled"])
+def test_float64(seed, backend, ewc_mode):
     params, grads, fishers, anchors = make_case(SIZES, dtype=torch.float64, fisher_dtype=torch.float64,
                                                 anchor_dtype=torch.float64)
-    ref = run_steps(K.ewc_adamw_ref, params, grads, fishers, anchors, ewc_lambda=0.7)
-    out = run_steps(K.ewc_adamw_, params, grads, fishers, anchors, ewc_lambda=0.7, backend=backend)
+    ref = run_steps(K.ewc_adamw_ref, params, grads, fishers, anchors, ewc_lambda=0.7, ewc_mode=ewc_mode)
+    out = run_steps(K.ewc_adamw_, params, grads, fishers, anchors, ewc_lambda=0.7, backend=backend,
+                    ewc_mode=ewc_mode)
     for name, a, b in zip("pmv", out[:3], ref[:3]):
         assert_rel_close(a, b, rtol=1e-13, what=name)
     assert_sums_close(out[3], ref[3], rtol=1e-12)
@@ -337,14 +423,18 @@ def test_triton_kernels_compile_for_hopper_with_128_bit_accesses():
     """The GPU build of the kernels, checked on any machine: full aligned blocks use 128-bit float32 loads and
     stores, 64-bit bfloat16 loads (4 elements per thread, the float32 stores' width: see the next test)."""
     _needs_triton_compiler()
-    full = dict(HAS_EWC=True, F_BF16=True, A_BF16=False, HAS_SCALE=True, CLIP_TOTAL=True, LERP_SMALL=True,
-                MASKED=False, ALIGNED=True, BLOCK=K.DEFAULT_BLOCK)
-    ptx = _compile_for_hopper(ewc_adamw_triton.ewc_adamw_kernel, full)["ptx"]
-    # 8 elements per thread in two runs of 4: 2 x v4 for each of p, g, m, v, anchor; 2 x v2 for the bfloat16 F
-    assert ptx.count("ld.global.v4.b32") == 10, ptx.count("ld.global.v4.b32")
-    assert ptx.count("ld.global.v2.b32") == 2, ptx.count("ld.global.v2.b32")
-    assert ptx.count("st.global.v4.b32") == 6  # p, m, v
-    assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx
+    full = dict(HAS_EWC=True, F_BF16=True, A_BF16=False, HAS_SCALE=True, CLIP_TOTAL=True, DECOUPLED=False,
+                LERP_SMALL=True, MASKED=False, ALIGNED=True, BLOCK=K.DEFAULT_BLOCK)
+    # decoupled mode: the same accesses (the pull uses the F and anchor already loaded), one division more
+    for consts in (full, full | dict(CLIP_TOTAL=False, DECOUPLED=True)):
+        ptx = _compile_for_hopper(ewc_adamw_triton.ewc_adamw_kernel, consts)["ptx"]
+        # 8 elements per thread in two runs of 4: 2 x v4 for each of p, g, m, v, anchor; 2 x v2 for the bfloat16 F
+        assert ptx.count("ld.global.v4.b32") == 10, ptx.count("ld.global.v4.b32")
+        assert ptx.count("ld.global.v2.b32") == 2, ptx.count("ld.global.v2.b32")
+        assert ptx.count("st.global.v4.b32") == 6  # p, m, v
+        assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx
+        # two divisions per element (sqrt(v) / sqrt(bc2), m / denom), and w = c / (1 + c) for the pull
+        assert ptx.count("div.rn.f32") == (24 if consts["DECOUPLED"] else 16)
     ptx = _compile_for_hopper(ewc_adamw_triton.ewc_adamw_kernel, full | dict(MASKED=True, HAS_EWC=False, HAS_SCALE=False))["ptx"]
     assert "ld.global" in ptx
     ptx = _compile_for_hopper(ewc_adamw_triton.ewc_grad_norms_kernel, dict(HAS_EWC=True, F_BF16=False, A_BF16=True,
@@ -352,19 +442,22 @@ def test_triton_kernels_compile_for_hopper_with_128_bit_accesses():
     assert ptx.count("ld.global.v4.b32") == 7  # 2 x p, g, F (float32), 1 x anchor (bfloat16)
 
 
+@pytest.mark.parametrize("decoupled", [False, True])
 @pytest.mark.parametrize("f_bf16,a_bf16,masked", [(f, a, m) for f in (False, True) for a in (False, True)
                                                   for m in (False, True) if f or a or not m])
-def test_triton_step_keeps_one_layout_for_every_dtype(f_bf16, a_bf16, masked):
+def test_triton_step_keeps_one_layout_for_every_dtype(f_bf16, a_bf16, masked, decoupled):
     """What the first GPU benchmark showed as slow: with bfloat16 F or θ* the fused step ran below the float32 one
     although it moves fewer bytes. The compiler had laid the block out 8 elements per thread (the bfloat16 loads'
     128 bits) and converted m, v and p through shared memory to 4 per thread before each store: 3 conversions
     and 6 more barriers per block. Every dtype pair must compile to one layout, synchronising only for the two
-    block reductions, as the all-float32 kernel does."""
+    block reductions, as the all-float32 coupled kernel does, in either EWC mode (decoupled keeps F and the anchor
+    in registers until the store of p)."""
     _needs_triton_compiler()
-    consts = dict(HAS_EWC=True, F_BF16=f_bf16, A_BF16=a_bf16, HAS_SCALE=True, CLIP_TOTAL=False, LERP_SMALL=True,
-                  MASKED=masked, ALIGNED=True, BLOCK=K.DEFAULT_BLOCK)
+    consts = dict(HAS_EWC=True, F_BF16=f_bf16, A_BF16=a_bf16, HAS_SCALE=True, CLIP_TOTAL=False, DECOUPLED=decoupled,
+                  LERP_SMALL=True, MASKED=masked, ALIGNED=True, BLOCK=K.DEFAULT_BLOCK)
     code = _compile_for_hopper(ewc_adamw_triton.ewc_adamw_kernel, consts)
-    float32 = _compile_for_hopper(ewc_adamw_triton.ewc_adamw_kernel, consts | dict(F_BF16=False, A_BF16=False, MASKED=False))
+    float32 = _compile_for_hopper(ewc_adamw_triton.ewc_adamw_kernel,
+                                  consts | dict(F_BF16=False, A_BF16=False, MASKED=False, DECOUPLED=False))
     assert "convert_layout" not in code["ttgir"]
     assert code["ptx"].count("bar.sync") == float32["ptx"].count("bar.sync")
     norms = _compile_for_hopper(ewc_adamw_triton.ewc_grad_norms_kernel, dict(HAS_EWC=True, F_BF16=f_bf16, A_BF16=a_bf16,

@@ -13,8 +13,8 @@ import torch
 
 from kernels import ewc_adamw as K
 from kernels import ewc_adamw_triton
-from tests.test_ewc_adamw import (BIG, EWC_DTYPE_PAIRS, SIZES, check_backend_matches_reference,
-                                  check_norms_match_reference, make_case, run_steps)
+from tests.test_ewc_adamw import (BIG, EWC_DTYPE_PAIRS, MODES, SIZES, check_backend_matches_reference,
+                                  check_decoupled_pull, check_norms_match_reference, make_case, run_steps)
 
 INTERPRETED = ewc_adamw_triton.interpreted()
 pytestmark = pytest.mark.skipif(
@@ -30,16 +30,22 @@ CASE_SIZES = SIZES if INTERPRETED else SIZES + BIG + [(1000, 4099)]
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fisher_dtype,anchor_dtype", EWC_DTYPE_PAIRS)
-@pytest.mark.parametrize("clip_mode", ["task", "total"])
-def test_triton_matches_reference(seed, device, fisher_dtype, anchor_dtype, clip_mode):
+@pytest.mark.parametrize("clip_mode,ewc_mode", MODES)
+def test_triton_matches_reference(seed, device, fisher_dtype, anchor_dtype, clip_mode, ewc_mode):
     check_backend_matches_reference("triton", CASE_SIZES, fisher_dtype, anchor_dtype, clip_mode, device=device,
-                                    block=BLOCK)
+                                    block=BLOCK, ewc_mode=ewc_mode)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_decoupled_pull_stays_between_adam_value_and_anchor(seed, device):
+    check_decoupled_pull("triton", device=device, block=BLOCK, sizes=CASE_SIZES)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_without_scale_and_without_ewc(seed, device):
-    check_backend_matches_reference("triton", CASE_SIZES, torch.float32, torch.bfloat16, "task", device=device,
-                                    block=BLOCK, with_scale=False)
+    for ewc_mode in ("coupled", "decoupled"):
+        check_backend_matches_reference("triton", CASE_SIZES, torch.float32, torch.bfloat16, "task", device=device,
+                                        block=BLOCK, with_scale=False, ewc_mode=ewc_mode)
     check_backend_matches_reference("triton", CASE_SIZES, torch.float32, torch.float32, "task", device=device,
                                     block=BLOCK, ewc_lambda=0.0)
 

@@ -112,6 +112,77 @@ def test_clip_task_adds_the_ewc_gradient_after_clipping(seed, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_decoupled_is_adamw_on_the_clipped_task_gradient_then_the_proximal_pull(seed, backend):
+    """ewc_mode "decoupled": torch.optim.AdamW on the clipped data gradient, then p = (p + c anchor) / (1 + c) with
+    c = lr lambda F (three steps, float64, a different lr each step); the penalty and the EWC-gradient norm are
+    those at the pre-step parameters, as in coupled mode."""
+    model = make_model()
+    fisher, anchor = make_ewc(model)
+    lam, max_norm = 40.0, 0.1  # lr * lambda * F up to 1.2: both branches of the pull
+    hyper = dict(betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
+    opt = EWCAdamW(model.parameters(), lr=1e-2, **hyper, ewc_lambda=lam, fisher=fisher, anchor=anchor,
+                   backend=backend, ewc_mode="decoupled")
+    assert opt.ewc_mode == "decoupled"
+    ref = copy.deepcopy(model)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, **hyper)
+    x, y = make_data()
+    for lr in (1e-2, 3e-2, 5e-3):
+        set_lr(opt, lr)
+        set_lr(ref_opt, lr)
+        opt.zero_grad()
+        task_loss(model, x, y).backward()
+        task_norm, total_norm = opt.clip_grad_norm_(max_norm, mode="task")
+        assert total_norm is None
+        opt.step()
+
+        ref_opt.zero_grad()
+        task_loss(ref, x, y).backward()
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+        with torch.no_grad():
+            pre = [p.detach().clone() for p in ref.parameters()]
+            ref_opt.step()
+            for p, f, a in zip(ref.parameters(), fisher, anchor):
+                c = lr * lam * f
+                p.copy_((p + c * a) / (1 + c))
+        torch.testing.assert_close(task_norm, ref_norm, rtol=1e-13, atol=0)
+        assert task_norm > max_norm  # the clip was active
+        assert_params_close(model, ref, rtol=1e-12, atol=1e-15)
+        penalty = sum((lam / 2) * (f * (p - a) ** 2).sum() for p, f, a in zip(pre, fisher, anchor))
+        ewc_norm = torch.cat([(lam * f * (p - a)).flatten() for p, f, a in zip(pre, fisher, anchor)]).norm()
+        torch.testing.assert_close(opt.last_penalty, penalty, rtol=1e-13, atol=0)
+        torch.testing.assert_close(opt.last_ewc_grad_norm, ewc_norm, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ewc_mode_is_validated_switchable_and_refuses_clip_total(seed, backend):
+    model = make_model()
+    fisher, anchor = make_ewc(model)
+    with pytest.raises(UserError, match="ewc_mode must be one of coupled, decoupled"):
+        EWCAdamW(model.parameters(), ewc_mode="proximal")
+    opt = EWCAdamW(model.parameters(), lr=1e-2, ewc_lambda=2.0, fisher=fisher, anchor=anchor, backend=backend,
+                   ewc_mode="decoupled")
+    x, y = make_data()
+    task_loss(model, x, y).backward()
+    with pytest.raises(UserError, match="clip mode 'total'.*use clip mode 'task'"):
+        opt.clip_grad_norm_(1.0, mode="total")
+    # set_ewc_state(ewc_mode=) switches the next step (the trainer passes the configured mode there)
+    twins = []
+    for mode in ("coupled", "decoupled"):
+        twin = copy.deepcopy(model)
+        for p, q in zip(twin.parameters(), model.parameters()):
+            p.grad = q.grad.clone()  # deepcopy leaves .grad behind
+        twin_opt = EWCAdamW(twin.parameters(), lr=1e-2, backend=backend)
+        twin_opt.set_ewc_state(fisher, anchor, 2.0, ewc_mode=mode)
+        twin_opt.step()
+        twins.append(twin)
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twins[1].parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), twins[0].parameters()))
+    opt.set_ewc_state(fisher, anchor, ewc_mode="coupled")
+    assert opt.ewc_mode == "coupled" and opt.ewc_lambda == 2.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_no_clipping_and_skipped_step_leave_no_scale(seed, backend):
     """max_norm None/0 measures without clipping; zero_grad drops a scale measured for discarded gradients."""
     model, x, y = make_model(), *make_data()
@@ -154,20 +225,22 @@ def run_training(model, opt, data, steps, max_norm=0.5, mode="total"):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_checkpoint_roundtrip_continues_like_an_uninterrupted_run(seed, backend):
+@pytest.mark.parametrize("ewc_mode", ["coupled", "decoupled"])
+def test_checkpoint_roundtrip_continues_like_an_uninterrupted_run(seed, backend, ewc_mode):
     torch.manual_seed(seed)
     model = make_model(torch.float32)
     fisher, anchor = make_ewc(model, torch.bfloat16)
     data = [make_data(torch.float32) for _ in range(5)]
     make_opt = lambda m: EWCAdamW(m.parameters(), lr=1e-2, weight_decay=0.01, ewc_lambda=0.8,  # noqa: E731
-                                  fisher=fisher, anchor=anchor, backend=backend)
+                                  fisher=fisher, anchor=anchor, backend=backend, ewc_mode=ewc_mode)
+    clip = "total" if ewc_mode == "coupled" else "task"
     straight = copy.deepcopy(model)
     straight_opt = make_opt(straight)
-    run_training(straight, straight_opt, data, 5)
+    run_training(straight, straight_opt, data, 5, mode=clip)
 
     first = copy.deepcopy(model)
     first_opt = make_opt(first)
-    run_training(first, first_opt, data, 2)
+    run_training(first, first_opt, data, 2, mode=clip)
     buf = io.BytesIO()
     torch.save({"model": first.state_dict(), "optim": first_opt.state_dict()}, buf)
     saved = first_opt.state_dict()
@@ -180,8 +253,9 @@ def test_checkpoint_roundtrip_continues_like_an_uninterrupted_run(seed, backend)
     resumed.load_state_dict(ckpt["model"])
     resumed_opt = EWCAdamW(resumed.parameters(), lr=1e-2, weight_decay=0.01, backend=backend)
     resumed_opt.load_state_dict(ckpt["optim"])
-    resumed_opt.set_ewc_state(fisher, anchor, 0.8)  # the trainer loads the EWC file after building the optimizer
-    run_training(resumed, resumed_opt, data[2:], 3)
+    # the trainer loads the EWC file (and sets lambda and the mode) after building the optimizer
+    resumed_opt.set_ewc_state(fisher, anchor, 0.8, ewc_mode=ewc_mode)
+    run_training(resumed, resumed_opt, data[2:], 3, mode=clip)
     for a, b in zip(resumed.parameters(), straight.parameters()):
         assert torch.equal(a, b)
     assert resumed_opt.state[next(iter(resumed.parameters()))]["step"].item() == 5

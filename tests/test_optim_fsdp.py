@@ -1,4 +1,4 @@
-"""EWCAdamW on FSDP2-sharded parameters (2 CPU processes, gloo) equals the single-process run."""
+"""EWCAdamW on FSDP2-sharded parameters (2 CPU processes, gloo) equals the single-process run, in both EWC modes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import torch
 from tests.distributed import run_distributed
 from tests.test_optim import make_data, make_ewc, make_model, task_loss
 
-LAMBDA, MAX_NORM, STEPS = 1.7, 0.3, 3
+LAMBDA, STEPS = 1.7, 3
+# clip thresholds that keep the clip active: "total" (coupled) sees the large EWC gradient, "task" (decoupled) the
+# data gradient alone, whose norm can be under 0.3
+MAX_NORM = {"coupled": 0.3, "decoupled": 0.01}
 HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01)
 
 
@@ -25,6 +28,8 @@ def _shard(model, mesh):
 
 
 def _train(model, opt, batches, rank, world_size, *, sharded):
+    # clip "total" is coupled mode's (decoupled refuses it); "task" there
+    clip = "total" if opt.ewc_mode == "coupled" else "task"
     norms = []
     for x, y in batches:
         if sharded:  # each rank its half; FSDP2 averages the gradients over ranks = the full-batch mean gradient
@@ -32,12 +37,13 @@ def _train(model, opt, batches, rank, world_size, *, sharded):
             x, y = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
         opt.zero_grad()
         task_loss(model, x, y).backward()
-        norms.append(opt.clip_grad_norm_(MAX_NORM, mode="total"))
+        task, total = opt.clip_grad_norm_(MAX_NORM[opt.ewc_mode], mode=clip)
+        norms.append((task, task if total is None else total))
         opt.step()
     return norms
 
 
-def _sharded_vs_single(rank, world_size, seed, dtype, ewc_dtype):
+def _sharded_vs_single(rank, world_size, seed, dtype, ewc_dtype, ewc_mode):
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
     from torch.distributed.device_mesh import init_device_mesh
@@ -52,7 +58,8 @@ def _sharded_vs_single(rank, world_size, seed, dtype, ewc_dtype):
     batches = [make_data(dtype, n=16) for _ in range(STEPS)]
 
     single = copy.deepcopy(model)
-    single_opt = EWCAdamW(single.parameters(), **HYPER, ewc_lambda=LAMBDA, fisher=fisher, anchor=anchor)
+    single_opt = EWCAdamW(single.parameters(), **HYPER, ewc_lambda=LAMBDA, fisher=fisher, anchor=anchor,
+                          ewc_mode=ewc_mode)
     single_norms = _train(single, single_opt, batches, rank, world_size, sharded=False)
 
     mesh = init_device_mesh("cpu", (world_size,))
@@ -65,7 +72,7 @@ def _sharded_vs_single(rank, world_size, seed, dtype, ewc_dtype):
         f = [distribute_tensor(t, mesh, p.placements) for t, p in zip(fisher, params)]
         a = [distribute_tensor(t, mesh, p.placements) for t, p in zip(anchor, params)]
         a[0] = a[0].to_local()
-        return m, EWCAdamW(m.parameters(), **HYPER, ewc_lambda=LAMBDA, fisher=f, anchor=a)
+        return m, EWCAdamW(m.parameters(), **HYPER, ewc_lambda=LAMBDA, fisher=f, anchor=a, ewc_mode=ewc_mode)
 
     sharded, opt = sharded_setup()
     norms = _train(sharded, opt, batches[:2], rank, world_size, sharded=True)
@@ -93,19 +100,25 @@ def _sharded_vs_single(rank, world_size, seed, dtype, ewc_dtype):
         "cpp_built": ewc_adamw_cpp.extension() is not None,
         "local_shapes": local_shapes,
         "step": opt.state[next(iter(sharded.parameters()))]["step"].item(),
+        "max_norm": MAX_NORM[ewc_mode],
     }
 
 
-def _both_precisions(rank, world_size, seed):
-    return [_sharded_vs_single(rank, world_size, seed, torch.float64, torch.float64),
-            _sharded_vs_single(rank, world_size, seed, torch.float32, torch.bfloat16)]
+PRECISIONS = ((torch.float64, torch.float64), (torch.float32, torch.bfloat16))
+TOLERANCES = ((1e-12, 1e-14), (1e-5, 1e-6))
+
+
+def _both_precisions_and_modes(rank, world_size, seed):
+    return [_sharded_vs_single(rank, world_size, seed, dtype, ewc_dtype, mode)
+            for mode in ("coupled", "decoupled") for dtype, ewc_dtype in PRECISIONS]
 
 
 @pytest.mark.slow
 def test_fsdp2_two_ranks_equal_single_process(seed):
-    results = run_distributed(_both_precisions, world_size=2, args=(seed,))
-    for rank, per_precision in enumerate(results):
-        for r, (rtol, atol) in zip(per_precision, ((1e-12, 1e-14), (1e-5, 1e-6))):
+    results = run_distributed(_both_precisions_and_modes, world_size=2, args=(seed,))
+    for rank, per_run in enumerate(results):
+        assert len(per_run) == 4
+        for r, (rtol, atol) in zip(per_run, TOLERANCES * 2):
             assert r["backend"] == ("cpp" if r["cpp_built"] else "torch") and r["step"] == STEPS
             # odd sizes: uneven shards, and rank 1 holds empty shards of the last layer
             assert (0, 5) in r["local_shapes"] if rank == 1 else (1, 5) in r["local_shapes"]
@@ -118,4 +131,4 @@ def test_fsdp2_two_ranks_equal_single_process(seed):
             for step, (task, total, single_task, single_total) in enumerate(r["norms"]):
                 assert task == pytest.approx(single_task, rel=rtol * 10), f"task norm, step {step}"
                 assert total == pytest.approx(single_total, rel=rtol * 10), f"total norm, step {step}"
-                assert total > MAX_NORM  # the clip was active
+                assert total > r["max_norm"]  # the clip was active

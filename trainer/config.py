@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kernels.ewc_adamw import BACKENDS as OPTIMIZER_BACKENDS
+from kernels.ewc_adamw import EWC_MODES
 from trainer.attention import BACKENDS as ATTENTION_BACKENDS
 from trainer.data.loader import mixture_period
 from trainer.errors import UserError
@@ -90,8 +91,10 @@ class OptimConfig:
 class EWCConfig:
     file: str | None = _f(None, "EWC file (gemma-ewc fisher output); none = plain AdamW")
     ewc_lambda: float = _f(0.0, "EWC strength λ", key="lambda")
-    clip: str = _f("task", "what clipping sees: the data gradient only, or data + EWC gradient",
+    clip: str = _f("task", "what clipping sees: the data gradient only, or data + EWC gradient (coupled mode only)",
                    choices=("task", "total"))
+    mode: str = _f("coupled", "EWC gradient through Adam's moments (coupled), or Adam on the data gradient and then "
+                   "a pull towards the anchor by lr·λ·F (decoupled)", choices=EWC_MODES)
     fisher_normalize: str = _f("none", "divide the Fisher by its mean or max when loading",
                                choices=("none", "mean", "max"))
     fisher_dtype: str = _f("float32", "Fisher storage dtype in memory", choices=("float32", "bfloat16"))
@@ -311,6 +314,9 @@ def validate(config: TrainConfig) -> None:
         raise UserError(f"ewc.lambda must be >= 0, got {config.ewc.ewc_lambda}")
     if config.ewc.ewc_lambda > 0 and not config.ewc.file:
         raise UserError("ewc.lambda > 0 needs ewc.file (an EWC file made by `gemma-ewc fisher`)")
+    if config.ewc.mode == "decoupled" and config.ewc.clip == "total":
+        raise UserError("ewc.clip = total clips the sum of the data and EWC gradients, which ewc.mode = decoupled "
+                        "does not form (the EWC term is a pull after the Adam update): use ewc.clip = task")
 
 
 def to_dict(config) -> dict:

@@ -1,15 +1,21 @@
 """EWCAdamW (AdamW with the EWC gradient fused into the step), gradient clipping, and learning-rate schedules.
 
-    opt = EWCAdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                   ewc_lambda=0.0, ewc=load_ewc(path, model), backend="auto")   # or fisher=[...], anchor=[...]
-    opt.set_ewc_state(ewc=state, ewc_lambda=ewc_lambda)  # later, e.g. after loading the EWC file sharded
+    opt = EWCAdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, ewc_lambda=0.0,
+                   ewc=load_ewc(path, model), backend="auto", ewc_mode="coupled")  # or fisher=[...], anchor=[...]
+    opt.set_ewc_state(ewc=state, ewc_lambda=ewc_lambda, ewc_mode=mode)  # later, e.g. after a sharded load
     task_norm, total_norm = opt.clip_grad_norm_(1.0, mode="task")
     opt.step()
     opt.last_penalty, opt.last_ewc_grad_norm            # 0-dim tensors
 
-step(): g' = g + ewc_lambda * F * (p - anchor), then exactly torch.optim.AdamW's update on g', in one pass over
-memory per dtype group (kernels/ewc_adamw.py; "triton" on CUDA, "cpp" on CPU, "torch" anywhere). Nothing
-EWC-related runs in the forward or backward pass. A parameter whose .grad is None is skipped entirely (no EWC
+step(), in one pass over memory per dtype group (kernels/ewc_adamw.py; "triton" on CUDA, "cpp" on CPU, "torch"
+anywhere), by `ewc_mode`:
+    "coupled" (default): g' = g + ewc_lambda * F * (p - anchor), then exactly torch.optim.AdamW's update on g'.
+    "decoupled": torch.optim.AdamW's update on g alone, then p = (p + c * anchor) / (1 + c) with c = lr *
+        ewc_lambda * F, the proximal (implicit) step of the penalty over a time lr: the pull of the explicit step
+        lr * ewc_lambda * F * (anchor - p) to first order, and never past the anchor. Clip mode "total" is refused
+        in this mode (there is no sum of data and EWC gradients to clip).
+The penalty and the EWC-gradient norm are reduced at the pre-step parameters in both modes. Nothing EWC-related
+runs in the forward or backward pass. A parameter whose .grad is None is skipped entirely (no EWC
 pull, no decay, no step count), as torch.optim.AdamW skips it.
 
 EWC state is the mapping parameter -> (fisher, anchor) that trainer.ewc.load_ewc(path, model) returns; positional
@@ -32,8 +38,8 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from kernels.ewc_adamw import (BACKENDS, CLIP_MODES, EWC_DTYPES, TensorGroup, grad_sq_norms_groups, group_tensors,
-                               resolve_backend, step_groups)
+from kernels.ewc_adamw import (BACKENDS, CLIP_MODES, EWC_DTYPES, EWC_MODES, TensorGroup, grad_sq_norms_groups,
+                               group_tensors, resolve_backend, step_groups)
 from trainer.distributed import is_dtensor, local_tensor
 from trainer.dtypes import dtype_name
 from trainer.errors import UserError
@@ -170,13 +176,16 @@ class EWCAdamW(torch.optim.Optimizer):
     not in it has no EWC). Or, as a convenience, `fisher[i]`, `anchor[i]` for the i-th parameter in param-group
     order (None: no EWC for it). `backend`:
     "auto" ("triton" on CUDA, "cpp" on CPU), "triton", "cpp" or "torch"; a C++ build failure falls back to "torch"
-    with one warning. lr, betas, eps and weight_decay are per param group; ewc_lambda is global.
+    with one warning. `ewc_mode`: "coupled" (the EWC gradient through Adam's moments) or "decoupled" (Adam on the
+    data gradient, then the proximal pull towards the anchor; see the module docstring). lr, betas, eps and
+    weight_decay are per param group; ewc_lambda and ewc_mode are global. The mode is not optimizer state (the
+    moments have the same shape in both): the trainer records it with the checkpoint.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, ewc_lambda: float = 0.0, fisher: Sequence[Tensor | None] | None = None,
                  anchor: Sequence[Tensor | None] | None = None, backend: str = "auto", *,
-                 ewc: Mapping[Tensor, tuple[Tensor, Tensor]] | None = None):
+                 ewc: Mapping[Tensor, tuple[Tensor, Tensor]] | None = None, ewc_mode: str = "coupled"):
         if not lr >= 0.0:
             raise UserError(f"lr must be >= 0, got {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -192,12 +201,13 @@ class EWCAdamW(torch.optim.Optimizer):
         self._backend: str | None = None
         self._ewc: dict[Tensor, tuple[Tensor, Tensor]] = {}  # parameter -> local (fisher, anchor), validated
         self._ewc_lambda = 0.0
+        self._ewc_mode = "coupled"
         self._version = 0  # bumped by anything that invalidates the cached plans
         self._plans: dict[int, _Plan] = {}
         self._clip: tuple[Tensor, str] | None = None  # (scale, mode) for the next step
         self._last_local: list[tuple[object, Tensor, Tensor]] = []  # (reduce key, penalty, sum e^2) per key
         self._last_reduced: tuple[Tensor, Tensor] | None = None
-        self.set_ewc_state(fisher, anchor, ewc_lambda, ewc=ewc)
+        self.set_ewc_state(fisher, anchor, ewc_lambda, ewc=ewc, ewc_mode=ewc_mode)
 
     # --- EWC state -------------------------------------------------------------------------------------------
 
@@ -215,9 +225,19 @@ class EWCAdamW(torch.optim.Optimizer):
             raise UserError(f"ewc_lambda must be a finite number >= 0, got {value}")
         self._ewc_lambda = value
 
+    @property
+    def ewc_mode(self) -> str:
+        return self._ewc_mode
+
+    @ewc_mode.setter
+    def ewc_mode(self, value: str) -> None:
+        if value not in EWC_MODES:
+            raise UserError(f"ewc_mode must be one of {', '.join(EWC_MODES)}, got {value!r}")
+        self._ewc_mode = value
+
     def set_ewc_state(self, fisher: Sequence[Tensor | None] | None = None,
                       anchor: Sequence[Tensor | None] | None = None, ewc_lambda: float | None = None, *,
-                      ewc: Mapping[Tensor, tuple[Tensor, Tensor]] | None = None) -> None:
+                      ewc: Mapping[Tensor, tuple[Tensor, Tensor]] | None = None, ewc_mode: str | None = None) -> None:
         """Set (or with nothing given clear) the EWC state: `ewc`, the mapping parameter -> (fisher, anchor), or
         the lists `fisher`, `anchor` with one entry per parameter in param-group order.
 
@@ -228,6 +248,8 @@ class EWCAdamW(torch.optim.Optimizer):
         """
         if ewc_lambda is not None:
             self.ewc_lambda = ewc_lambda
+        if ewc_mode is not None:
+            self.ewc_mode = ewc_mode
         self._invalidate()
         self._ewc = {}
         if ewc is not None and (fisher is not None or anchor is not None):
@@ -416,8 +438,9 @@ class EWCAdamW(torch.optim.Optimizer):
         """Measure the gradient norms and set the clip scale that the next step() applies (nothing is written now).
 
         mode "task" (default): the norm of the data gradient g; step() uses g * s + e (the EWC gradient e added
-        after clipping). mode "total": also the norm of g + e in one fused read pass over p, g, F, anchor, and
-        step() uses (g + e) * s, as clipping the loss-based penalty's gradient did. s = min(1, max_norm / (norm +
+        after clipping; ewc_mode "decoupled": g * s, the pull after the update). mode "total": also the norm of
+        g + e in one fused read pass over p, g, F, anchor, and step() uses (g + e) * s, as clipping the loss-based
+        penalty's gradient did (ewc_mode "coupled" only: a UserError in "decoupled"). s = min(1, max_norm / (norm +
         1e-6)) like torch.nn.utils.clip_grad_norm_, kept on the device (no host sync). max_norm None or 0: no
         clipping (mode "task" then reads only g).
         Sharded gradients: the sums of squares are all-reduced across the mesh here (a collective: every rank
@@ -425,6 +448,10 @@ class EWCAdamW(torch.optim.Optimizer):
         """
         if mode not in CLIP_MODES:
             raise UserError(f"clip mode must be 'task' or 'total', got {mode!r}")
+        if mode == "total" and self._ewc_mode == "decoupled":
+            raise UserError("clip mode 'total' clips the sum of the data and EWC gradients; ewc_mode 'decoupled' "
+                            "applies the EWC term as a pull after the Adam update, so there is no such sum: use "
+                            "clip mode 'task'")
         if max_norm is not None and not max_norm >= 0:
             raise UserError(f"max_norm must be >= 0 or None, got {max_norm}")
         use_ewc = mode == "total" and self._ewc_lambda != 0
@@ -461,7 +488,8 @@ class EWCAdamW(torch.optim.Optimizer):
                 plan.steps.add_(1.0)
                 step_values = plan.steps.tolist()
                 hyper = dict(ewc_lambda=self._ewc_lambda, lr=float(group["lr"]), betas=group["betas"], eps=group["eps"],
-                             weight_decay=group["weight_decay"], grad_scale=scale, clip_mode=mode, check_grads=False)
+                             weight_decay=group["weight_decay"], grad_scale=scale, clip_mode=mode,
+                             ewc_mode=self._ewc_mode, check_grads=False)
                 # Parameters that missed steps (no grad at times) have their own step count: one call per count.
                 counts = sorted(set(step_values))
                 for (reduce_key, dtype), groups in plan.groups.items():

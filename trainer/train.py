@@ -109,7 +109,8 @@ def build_loader(config: TrainConfig, *, rank: int, world_size: int, vocab_size:
 
 
 def attach_ewc(config: TrainConfig, model, optimizer) -> dict:
-    """Load the EWC file sharded like the parameters and hand F and θ* to the optimizer; returns its description."""
+    """Load the EWC file sharded like the parameters and hand F, θ*, λ and the mode to the optimizer; returns its
+    description (recorded with every checkpoint; the mode as "ewc_mode")."""
     e = config.ewc
     if not e.file:
         return {}
@@ -117,8 +118,8 @@ def attach_ewc(config: TrainConfig, model, optimizer) -> dict:
         raise UserError(f"EWC file {e.file} not found (make it with `gemma-ewc fisher`)")
     state = load_ewc(e.file, model, strict=e.strict_anchor, normalize=e.fisher_normalize,
                      fisher_dtype=DTYPES[e.fisher_dtype], anchor_dtype=DTYPES[e.anchor_dtype])
-    optimizer.set_ewc_state(ewc=state, ewc_lambda=e.ewc_lambda)
-    return {"ewc_file": str(e.file), "ewc_sha256": sha256_file(e.file),
+    optimizer.set_ewc_state(ewc=state, ewc_lambda=e.ewc_lambda, ewc_mode=e.mode)
+    return {"ewc_file": str(e.file), "ewc_sha256": sha256_file(e.file), "ewc_mode": e.mode,
             "fisher_normalize_divisor": state.normalize_divisor, "anchor_max_diff": state.max_anchor_diff}
 
 
