@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
-import tomllib
+
+import pytest
 
 from tests import test_train
 from tests.test_train import _ewc_file, _overrides, final_parameters, metrics, run
 from trainer.checkpoint import find_latest
+from trainer.config import tomllib
+from trainer.errors import UserError
 from trainer.parallelize import initial_value
 
 
@@ -34,3 +37,11 @@ def test_decoupled_run_pulls_towards_the_anchor_and_records_its_mode(tmp_path, s
     checkpoint = find_latest(tmp_path / "decoupled" / "checkpoints")
     assert json.loads((checkpoint / "state.json").read_text())["ewc_mode"] == "decoupled"
     assert tomllib.loads((checkpoint / "config.toml").read_text())["ewc"]["mode"] == "decoupled"
+
+
+def test_a_resume_with_another_mode_is_refused(tmp_path, store):
+    ewc_file = _ewc_file(tmp_path / "ewc.safetensors")
+    settings = {"optim.max_steps": 4, "ewc.file": f"'{ewc_file}'", "ewc.lambda": 10.0}
+    run(_overrides(store, **settings, **{"ewc.mode": "decoupled"}), tmp_path / "run", stop_after=2)
+    with pytest.raises(UserError, match="trained with ewc.mode = decoupled, this run has coupled"):
+        run(_overrides(store, **settings), tmp_path / "run")

@@ -308,6 +308,10 @@ def train(config: TrainConfig, run_dir: str | Path, *, stop_after: int | None = 
             raise UserError(f"{latest} was trained with EWC file {state.get('ewc_file')} "
                             f"(sha256 {str(state.get('ewc_sha256'))[:12]}), this run has {ewc_info.get('ewc_file')} "
                             f"(sha256 {str(ewc_info.get('ewc_sha256'))[:12]}); resume with the same EWC file")
+        # Checkpoints from before ewc.mode existed were coupled.
+        if ewc_info and ewc_info["ewc_mode"] != state.get("ewc_mode", "coupled"):
+            raise UserError(f"{latest} was trained with ewc.mode = {state.get('ewc_mode', 'coupled')}, this run has "
+                            f"{ewc_info['ewc_mode']}; resume with the same mode")
         loader.load_state_dict(rank_state["loader"])
         _set_rng_state(rank_state["rng"], device)
         start_step = int(state["step"])
