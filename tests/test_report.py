@@ -282,3 +282,12 @@ def test_bad_data_weights_name_the_field(tmp_path):
     r["run"] = {"data_weights": "0.9,0.1"}
     with pytest.raises(UserError, match=r"x.json: field run.data_weights is \"0.9,0.1\""):
         write_report(_write(tmp_path, r), out=tmp_path / "r.md")
+
+
+def test_a_base_far_from_the_runs_is_pinned_to_the_edge_not_squashing_them():
+    from trainer.evaluate.report import _far_outside
+
+    runs = [(22.0, 38.0), (30.0, 28.0), (26.0, 19.0)]
+    assert _far_outside((83.0, 16.6), runs)  # 53 beyond a span of 8 on the new-language axis
+    assert not _far_outside((27.0, 40.0), runs)  # within twice the spans: drawn where it is
+    assert not _far_outside((83.0, 16.6), runs[:1])  # one run has no span to speak of

@@ -596,10 +596,14 @@ def _draw_pareto(plt, runs: Sequence[Run], base: Run | None, old: Metric, new: M
                 label="Pareto frontier")
         ax.scatter([p[0] for p in line], [p[1] for p in line], s=160, facecolors="none", edgecolors="black",
                    linewidths=1.2, zorder=4)
-    if base_point is not None:
+    run_points = [(new.value(r), old.value(r)) for r in candidates]
+    # A base that never saw the new language sits far from every run: the runs get the plot, and the base is drawn
+    # at the edge, pinned where it lies off the plot, with its values in its label.
+    pinned = base_point is not None and _far_outside(base_point, run_points)
+    if base_point is not None and not pinned:
         ax.scatter([base_point[0]], [base_point[1]], marker="*", s=260, color="black", zorder=5,
                    label=_base_legend(base))
-    everything = [(new.value(r), old.value(r)) for r in candidates] + ([base_point] if base_point else [])
+    everything = run_points + ([base_point] if base_point and not pinned else [])
     for metric, which, values in ((new, "x", [p[0] for p in everything]), (old, "y", [p[1] for p in everything])):
         if metric.lower_is_better:
             _log_scale_if_wide(ax, which, values)
@@ -611,17 +615,41 @@ def _draw_pareto(plt, runs: Sequence[Run], base: Run | None, old: Metric, new: M
         ax.invert_xaxis()
     if old.lower_is_better:
         ax.invert_yaxis()
+    labelled_points = list(run_points)
+    labels = [_point_label(r) for r in candidates]
+    if base_point is not None:
+        shown, text = base_point, "base"
+        if pinned:
+            (x0, x1), (y0, y1) = sorted(ax.get_xlim()), sorted(ax.get_ylim())
+            shown = (min(max(base_point[0], x0), x1), min(max(base_point[1], y0), y1))
+            text = f"base ({base_point[0]:.4g}, {base_point[1]:.4g}), off the plot"
+        ax.scatter([shown[0]], [shown[1]], marker="*", s=260, color="black", zorder=5, clip_on=False,
+                   label=_base_legend(base))
+        labelled_points.append(shown)
+        labels.append(text)
     ax.set_xlabel(_axis_label("new", new, "→"))
     ax.set_ylabel(_axis_label("old", old, "↑"))
     ax.set_title("Old knowledge vs new language, one point per run")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower left", framealpha=0.9)
     fig.tight_layout()
-    _place_labels(ax, [(new.value(r), old.value(r)) for r in candidates] + ([base_point] if base_point else []),
-                  [_point_label(r) for r in candidates] + (["base"] if base_point else []))
+    _place_labels(ax, labelled_points, labels)
     _save(fig, path)
     plt.close(fig)
     return True
+
+
+def _far_outside(point: tuple[float, float], others: Sequence[tuple[float, float]]) -> bool:
+    """`point` lies more than the others' own span beyond them on some axis (the others would fill under a third of
+    a plot that shows them all)."""
+    if len(others) < 2:
+        return False
+    for axis in (0, 1):
+        lo, hi = min(p[axis] for p in others), max(p[axis] for p in others)
+        span = max(hi - lo, 1e-9 * max(abs(hi), 1.0))
+        if point[axis] < lo - 2 * span or point[axis] > hi + 2 * span:
+            return True
+    return False
 
 
 def _log_scale_if_wide(ax, which: str, values: Sequence[float]) -> None:
