@@ -291,3 +291,14 @@ def test_a_base_far_from_the_runs_is_pinned_to_the_edge_not_squashing_them():
     assert _far_outside((83.0, 16.6), runs)  # 53 beyond a span of 8 on the new-language axis
     assert not _far_outside((27.0, 40.0), runs)  # within twice the spans: drawn where it is
     assert not _far_outside((83.0, 16.6), runs[:1])  # one run has no span to speak of
+
+
+def test_a_decoupled_run_says_so_in_its_point_label():
+    from pathlib import Path
+
+    from trainer.evaluate.report import Run, _point_label
+
+    coupled = Run(Path("a.json"), "a", 10.0, {"run": {"ewc_mode": "coupled", "data_weights": [0.9, 0.1]}})
+    decoupled = Run(Path("b.json"), "b", 10.0, {"run": {"ewc_mode": "decoupled"}})
+    assert _point_label(coupled) == "λ=10, replay 10%"
+    assert _point_label(decoupled) == "λ=10 decoupled"

@@ -72,8 +72,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: torch.d
     # meaningful for a continued model (model.pretrained set), not for a from-scratch run.
     continued = bool(run_config.get("model", {}).get("pretrained"))
     lam = run_config.get("ewc", {}).get("lambda", 0.0) if run_config.get("ewc", {}).get("file") else 0.0
+    ewc_mode = run_config.get("ewc", {}).get("mode", "coupled") if lam else None
     metadata = {"label": step_dir.parent.parent.name, "ewc_lambda": lam if continued else None,
-                "checkpoint": str(step_dir.resolve()), **training_context(step_dir, run_config)}
+                "ewc_mode": ewc_mode if continued else None, "checkpoint": str(step_dir.resolve()),
+                **training_context(step_dir, run_config)}
 
     def fetch(hf_name: str) -> torch.Tensor:
         return read_model_tensor(step_dir, from_hf_name(hf_name), torch.empty(shapes[hf_name]))

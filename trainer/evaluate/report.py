@@ -278,12 +278,15 @@ def _replay_text(weight: float | None) -> str:
 
 
 def _point_label(run: Run) -> str:
-    """"λ=1e6, replay 5%": three digits and compact exponents (10000 -> "1e4") so the labels stay short."""
+    """"λ=1e6, replay 5%" ("λ=10 decoupled" for ewc.mode decoupled): three digits and compact exponents (10000 ->
+    "1e4") so the labels stay short."""
     if run.ewc_lambda is None:
         text = run.label
     else:
         mantissa, _, exponent = f"{run.ewc_lambda:.3g}".partition("e")
         text = "λ=" + mantissa + (f"e{int(exponent)}" if exponent else "")
+    if run.data.get("run", {}).get("ewc_mode") == "decoupled":
+        text += " decoupled"
     return text if run.replay_weight is None else f"{text}, replay {_replay_text(run.replay_weight)}"
 
 
