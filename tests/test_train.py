@@ -98,11 +98,12 @@ def test_two_ranks_equal_one_rank(tmp_path, store, ewc):
     assert torch.allclose(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=0)
     if ewc:
         assert all(m["ewc_penalty"] > 0 for m in metrics(tmp_path / "one")[1:])
-        # per-block drift: each rank reduced its shards, combined over the ranks
+        # per-block drift: each rank reduced its shards, combined over the ranks. The runs' parameters agree to
+        # ~1e-5 (above); a drift is a squared difference from the anchor, small ones (the final norm) amplify that
         for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
             assert a["drift"]["blocks"] == b["drift"]["blocks"]
             for kind in ("fisher", "plain"):
-                assert b["drift"][kind] == pytest.approx(a["drift"][kind], rel=1e-4)
+                assert b["drift"][kind] == pytest.approx(a["drift"][kind], rel=1e-3)
     else:
         assert all("drift" not in m for m in metrics(tmp_path / "two"))
         penalties = [m["ewc_penalty"] for m in metrics(tmp_path / "two")]
