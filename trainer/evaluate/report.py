@@ -32,8 +32,8 @@ README's ~700 px:
 - drift_per_block.png: where along the model the parameters moved from the anchor, for each run whose training
   metrics can be found (results' run.checkpoint is RUN_DIR/checkpoints/step_N, so RUN_DIR/metrics.jsonl) and hold
   the `drift` telemetry (EWC on): one row per run, two heat maps, blocks (embedding at the bottom, the final norm
-  at the top) × logging steps, coloured on a log scale by the F-weighted drift sum F (θ - θ*)² and the plain drift
-  ‖θ - θ*‖². Runs without such metrics are left out, and the Markdown names them.
+  at the top) × logging steps, coloured by the F-weighted drift sum F (θ - θ*)² and the plain drift ‖θ - θ*‖² on
+  one log scale per column for all runs. Runs without such metrics are left out, and the Markdown names them.
 """
 
 from __future__ import annotations
@@ -741,32 +741,43 @@ def drift_of_runs(runs: Sequence[Run]) -> tuple[list[tuple[Run, DriftSeries]], l
     return found, missing
 
 
+def _sparse_ticks(ax, axis: str, labels: Sequence[str], most: int) -> None:
+    """At most `most` ticks, the first and the last always labelled."""
+    every = max(1, math.ceil(len(labels) / most))
+    at = sorted(set(range(0, len(labels), every)) | {len(labels) - 1})
+    if len(at) > 1 and at[-1] - at[-2] < every:  # the last would crowd its neighbour
+        at.pop(-2)
+    getattr(ax, f"set_{axis}ticks")(at)
+    getattr(ax, f"set_{axis}ticklabels")([labels[i] for i in at])
+
+
 def _draw_drift(plt, series: Sequence[tuple[Run, DriftSeries]], path: Path) -> bool:
-    """One row per run: heat maps blocks × steps of the F-weighted and the plain drift, log colour scales."""
+    """One row per run: heat maps blocks × steps of the F-weighted and the plain drift, on one log colour scale
+    per column (the runs compare by colour)."""
     if not series:
         return False
     from matplotlib.colors import LogNorm
 
+    columns = (("fisher", "Σ F(θ − θ*)²"), ("plain", "‖θ − θ*‖²"))
+    norms = []
+    for kind, _ in columns:
+        positive = [x for _, s in series for row in getattr(s, kind) for x in row if x > 0]
+        low, high = (min(positive), max(positive)) if positive else (1e-30, 1.0)
+        norms.append(LogNorm(vmin=low, vmax=max(high, low * 1.0001)))
     rows = len(series)
-    fig, axes = plt.subplots(rows, 2, figsize=(FIGURE_WIDTH_INCHES, 0.6 + 2.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, 2, figsize=(FIGURE_WIDTH_INCHES, 0.8 + 2.6 * rows), squeeze=False)
     for (run, s), row in zip(series, axes):
-        for ax, values, kind in ((row[0], s.fisher, "Σ F(θ − θ*)²"), (row[1], s.plain, "‖θ − θ*‖²")):
-            grid = [[values[j][i] for j in range(len(s.steps))] for i in range(len(s.blocks))]  # (blocks, steps)
-            positive = [x for r in grid for x in r if x > 0]
-            low = min(positive) if positive else 1e-30
-            high = max(positive) if positive else 1.0
-            shown = [[max(x, low) for x in r] for r in grid]  # a zero drift shows at the scale's floor
-            image = ax.imshow(shown, aspect="auto", origin="lower", interpolation="nearest",
-                              norm=LogNorm(vmin=low, vmax=max(high, low * 1.0001)), cmap="viridis")
+        for ax, (kind, title), norm in zip(row, columns, norms):
+            values = getattr(s, kind)  # [step][block]
+            # (blocks, steps); a zero drift shows at the scale's floor
+            grid = [[max(values[j][i], norm.vmin) for j in range(len(s.steps))] for i in range(len(s.blocks))]
+            image = ax.imshow(grid, aspect="auto", origin="lower", interpolation="nearest", norm=norm,
+                              cmap="viridis")
             fig.colorbar(image, ax=ax)
-            ax.set_title(f"{run.label}: {kind}")
+            ax.set_title(f"{run.label}: {title}")
             ax.set_xlabel("step")
-            tick_every = max(1, len(s.steps) // 6)
-            ax.set_xticks(range(0, len(s.steps), tick_every))
-            ax.set_xticklabels([str(x) for x in s.steps[::tick_every]])
-            label_every = max(1, len(s.blocks) // 12)
-            ax.set_yticks(range(0, len(s.blocks), label_every))
-            ax.set_yticklabels(s.blocks[::label_every])
+            _sparse_ticks(ax, "x", [str(x) for x in s.steps], 5)
+            _sparse_ticks(ax, "y", s.blocks, 10)
     fig.suptitle("Drift from the anchor per block")
     fig.tight_layout()
     _save(fig, path)
