@@ -11,7 +11,8 @@
 // (torch divides sqrt(v) by sqrt(bc2); multiplying by the reciprocal differs by at most an ulp in the denominator
 // and frees the FP divider, which sqrt and the other division already keep busy: 25% less compute per element,
 // measured, which matters when one core streams from memory faster than it computes.)
-// and reduces sum(F * d * d) and sum(e * e) in the same pass.
+// and reduces sum(F * d * d), sum(e * e) and sum(d * d) in the same pass; a chunk never spans two tensors, so its
+// partial sums also give each tensor's drift sum(F * d * d), sum(d * d) (the per-block telemetry) without a pass.
 //
 // Memory traffic per element (float32 p/g/m/v): read p, g, m, v and write p, m, v = 28 bytes; EWC adds the reads
 // of F and anchor: +8 bytes (float32) or +4 bytes (bfloat16), in either mode (the decoupled pull reuses the F and
@@ -38,8 +39,10 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <utility>
 
 #include <cmath>
@@ -99,11 +102,11 @@ template <typename T, typename TF, typename TA, bool HAS_EWC, bool LERP_SMALL, b
 inline void step_chunk_impl(T* __restrict p, const T* __restrict g, T* __restrict m, T* __restrict v,
                             const TF* __restrict f, const TA* __restrict a, int64_t n, const Coeffs<T>& c,
                             double* out) {
-  T pen = 0, fd_sq = 0;
+  T pen = 0, fd_sq = 0, d_sq = 0;
   const T lam = c.ewc_lambda, gm = c.grad_mul, tm = c.total_mul, w = c.lerp_weight, b2 = c.beta2,
           omb2 = c.one_minus_beta2, ibc2s = c.inv_bc2_sqrt, eps = c.eps, decay = c.decay, nss = c.neg_step_size,
           rate = c.pull_rate, cmax = std::numeric_limits<T>::max();
-#pragma omp simd reduction(+ : pen, fd_sq)
+#pragma omp simd reduction(+ : pen, fd_sq, d_sq)
   for (int64_t i = 0; i < n; ++i) {
     const T pi = p[i];
     T gi = g[i];
@@ -118,6 +121,7 @@ inline void step_chunk_impl(T* __restrict p, const T* __restrict g, T* __restric
       const T fd = fi * d;
       pen = fmadd(fd, d, pen);
       fd_sq = fmadd(fd, fd, fd_sq);  // sum(e^2) = lambda^2 * sum((F d)^2), scaled once at the end
+      d_sq = fmadd(d, d, d_sq);
       if constexpr (!DECOUPLED) {
         gi = gi + lam * fd;  // e = lambda * (F d), then g + e: two roundings, as the reference
       }
@@ -149,6 +153,7 @@ inline void step_chunk_impl(T* __restrict p, const T* __restrict g, T* __restric
   }
   out[0] = static_cast<double>(pen);
   out[1] = static_cast<double>(lam) * static_cast<double>(lam) * static_cast<double>(fd_sq);
+  out[2] = static_cast<double>(d_sq);
 }
 
 template <typename T, typename TF, typename TA, bool HAS_EWC, bool DECOUPLED>
@@ -212,23 +217,34 @@ std::vector<Chunk> make_chunks(const std::vector<int64_t>& sizes) {
   return chunks;
 }
 
-// Runs body(chunk, partial_slot) over all chunks on the OpenMP team, then adds the two partial sums per chunk in
-// chunk order (deterministic for any thread count).
-template <typename Body>
-std::pair<double, double> for_chunks(const std::vector<int64_t>& sizes, const Body& body) {
+// The partial sums of a run over chunks: their totals, and their sums per tensor (row-major [tensors, K]).
+template <int K>
+struct Sums {
+  std::array<double, K> total{};
+  std::vector<double> per_tensor;
+};
+
+// Runs body(chunk, partial_slot) over all chunks on the OpenMP team, then adds the K partial sums per chunk in
+// chunk order, in total and per tensor (deterministic for any thread count).
+template <int K, typename Body>
+Sums<K> for_chunks(const std::vector<int64_t>& sizes, const Body& body) {
   const std::vector<Chunk> chunks = make_chunks(sizes);
   const int64_t nchunks = static_cast<int64_t>(chunks.size());
-  std::vector<double> partials(static_cast<size_t>(2 * nchunks), 0.0);
+  std::vector<double> partials(static_cast<size_t>(K * nchunks), 0.0);
   // torch.set_num_threads sets omp_get_max_threads here too: torch ships libgomp.so.1 and the dynamic linker
   // reuses it for this module (same soname), so there is one OpenMP runtime and one thread pool.
 #pragma omp parallel for schedule(static) if (nchunks > 1)
-  for (int64_t k = 0; k < nchunks; ++k) body(chunks[k], partials.data() + 2 * k);
-  double s0 = 0.0, s1 = 0.0;
+  for (int64_t k = 0; k < nchunks; ++k) body(chunks[k], partials.data() + K * k);
+  Sums<K> sums;
+  sums.per_tensor.assign(K * sizes.size(), 0.0);
   for (int64_t k = 0; k < nchunks; ++k) {
-    s0 += partials[2 * k];
-    s1 += partials[2 * k + 1];
+    double* row = sums.per_tensor.data() + K * static_cast<size_t>(chunks[k].tensor);
+    for (int j = 0; j < K; ++j) {
+      sums.total[j] += partials[K * k + j];
+      row[j] += partials[K * k + j];
+    }
   }
-  return {s0, s1};
+  return sums;
 }
 
 template <typename S>
@@ -267,9 +283,9 @@ struct StepFn {
   const Ptrs &p, &g, &m, &v, &f, &a;
   const StepArgs& args;
   template <typename T, typename TF, typename TA, bool HAS_EWC>
-  std::pair<double, double> run() const {
+  Sums<3> run() const {
     const Coeffs<T> c = make_coeffs<T>(args);
-    return for_chunks(sizes, [&](const Chunk& ch, double* out) {
+    return for_chunks<3>(sizes, [&](const Chunk& ch, double* out) {
       const int64_t b = ch.begin, n = ch.end - ch.begin, t = ch.tensor;
       step_chunk<T, TF, TA, HAS_EWC>(at_<T>(p, t) + b, at_<T>(g, t) + b, at_<T>(m, t) + b, at_<T>(v, t) + b,
                                      HAS_EWC ? at_<TF>(f, t) + b : nullptr, HAS_EWC ? at_<TA>(a, t) + b : nullptr,
@@ -283,8 +299,8 @@ struct NormsFn {
   const Ptrs &p, &g, &f, &a;
   double lam;
   template <typename T, typename TF, typename TA, bool HAS_EWC>
-  std::pair<double, double> run() const {
-    return for_chunks(sizes, [&](const Chunk& ch, double* out) {
+  Sums<2> run() const {
+    return for_chunks<2>(sizes, [&](const Chunk& ch, double* out) {
       const int64_t b = ch.begin, n = ch.end - ch.begin, t = ch.tensor;
       norm_chunk<T, TF, TA, HAS_EWC>(HAS_EWC ? at_<T>(p, t) + b : nullptr, at_<T>(g, t) + b,
                                      HAS_EWC ? at_<TF>(f, t) + b : nullptr, HAS_EWC ? at_<TA>(a, t) + b : nullptr,
@@ -301,7 +317,7 @@ void check_lengths(const std::vector<int64_t>& sizes, std::initializer_list<cons
 
 // Calls fn.run<T, TF, TA, HAS_EWC>() for the element types named by the caller (torch dtype names).
 template <typename Fn>
-std::pair<double, double> dispatch(const std::string& param_dtype, bool has_ewc, const std::string& fisher_dtype,
+auto dispatch(const std::string& param_dtype, bool has_ewc, const std::string& fisher_dtype,
                                    const std::string& anchor_dtype, const Fn& fn) {
   if (param_dtype == "float64") {
     if (!has_ewc) return fn.template run<double, double, double, false>();
@@ -328,14 +344,16 @@ std::pair<double, double> dispatch(const std::string& param_dtype, bool has_ewc,
 
 // One fused step over same-dtype lists of contiguous tensors, given as data pointers and element counts. Empty
 // fisher/anchor lists mean no EWC. `decoupled`: the EWC term as the pull lerp(p, anchor, c / (1 + c)), c =
-// pull_rate * F, after the update instead of a gradient. Returns (sum(F * d * d), sum(e * e)), zeros without EWC.
-std::pair<double, double> ewc_adamw_step(const std::vector<int64_t>& sizes, const Ptrs& params, const Ptrs& grads,
+// pull_rate * F, after the update instead of a gradient. Returns (sum(F * d * d), sum(e * e), drift), zeros
+// without EWC; drift: per tensor sum(F * d * d) and sum(d * d), flat [tensors, 2], empty unless `drift`.
+std::tuple<double, double, std::vector<double>> ewc_adamw_step(const std::vector<int64_t>& sizes, const Ptrs& params, const Ptrs& grads,
                                          const Ptrs& exp_avgs, const Ptrs& exp_avg_sqs, const Ptrs& fishers,
                                          const Ptrs& anchors, const std::string& param_dtype,
                                          const std::string& fisher_dtype, const std::string& anchor_dtype,
                                          double ewc_lambda, double lr, double beta1, double beta2, double eps,
                                          double weight_decay, double bias_correction1, double bias_correction2,
-                                         double grad_mul, double total_mul, bool decoupled, double pull_rate) {
+                                         double grad_mul, double total_mul, bool decoupled, double pull_rate,
+                                         bool drift) {
   const bool has_ewc = !fishers.empty();
   check_lengths(sizes, {&params, &grads, &exp_avgs, &exp_avg_sqs});
   if (has_ewc) check_lengths(sizes, {&fishers, &anchors});
@@ -344,8 +362,17 @@ std::pair<double, double> ewc_adamw_step(const std::vector<int64_t>& sizes, cons
   }
   const StepArgs args{ewc_lambda, lr,       beta1,     beta2,     eps,       weight_decay,
                       bias_correction1, bias_correction2, grad_mul, total_mul, decoupled, pull_rate};
-  return dispatch(param_dtype, has_ewc, fisher_dtype, anchor_dtype,
-                  StepFn{sizes, params, grads, exp_avgs, exp_avg_sqs, fishers, anchors, args});
+  const Sums<3> sums = dispatch(param_dtype, has_ewc, fisher_dtype, anchor_dtype,
+                                StepFn{sizes, params, grads, exp_avgs, exp_avg_sqs, fishers, anchors, args});
+  std::vector<double> per_tensor;
+  if (drift && has_ewc) {
+    per_tensor.reserve(2 * sizes.size());
+    for (size_t t = 0; t < sizes.size(); ++t) {
+      per_tensor.push_back(sums.per_tensor[3 * t]);
+      per_tensor.push_back(sums.per_tensor[3 * t + 2]);
+    }
+  }
+  return {sums.total[0], sums.total[1], std::move(per_tensor)};
 }
 
 // The extra read pass of clip mode "total": (sum(g * g), sum((g + e)^2)); the second is 0 without EWC.
@@ -356,8 +383,9 @@ std::pair<double, double> ewc_grad_sq_norms(const std::vector<int64_t>& sizes, c
   const bool has_ewc = !fishers.empty();
   check_lengths(sizes, {&params, &grads});
   if (has_ewc) check_lengths(sizes, {&fishers, &anchors});
-  return dispatch(param_dtype, has_ewc, fisher_dtype, anchor_dtype,
-                  NormsFn{sizes, params, grads, fishers, anchors, ewc_lambda});
+  const Sums<2> sums = dispatch(param_dtype, has_ewc, fisher_dtype, anchor_dtype,
+                                NormsFn{sizes, params, grads, fishers, anchors, ewc_lambda});
+  return {sums.total[0], sums.total[1]};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

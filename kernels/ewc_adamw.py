@@ -25,7 +25,10 @@ What it computes, per element of every parameter (the definition is `ewc_adamw_r
     size; in coupled mode lambda * F * d is a gradient that Adam divides by the running RMS of g + e.
 
 and in the same pass, in both modes, the reductions (lambda/2) * sum(F * d^2) (the penalty) and sum(e^2) (the
-squared norm of the EWC gradient), at the pre-step p: the metrics mean the same in both modes.
+squared norm of the EWC gradient), at the pre-step p: the metrics mean the same in both modes. Asked for (`drift`),
+the step also returns the drift per tensor, sum(F * d^2) and sum(d^2) of each parameter at the pre-step p (the
+definition is `ewc_drift_ref`), from the same pass: the kernels reduce per block (Triton program, C++ chunk), a
+block never spans two tensors, and the per-tensor sums are segment sums of those partials on the device.
 `ewc_grad_sq_norms` is the extra read pass that clip mode "total" needs before the step: sum(g^2) and
 sum((g + e)^2), nothing written.
 
@@ -165,6 +168,21 @@ def ewc_adamw_ref(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: S
     return penalty, ewc_sq
 
 
+def ewc_drift_ref(params: Sequence[Tensor], *, fishers: Sequence[Tensor | None] | None = None,
+                  anchors: Sequence[Tensor | None] | None = None) -> Tensor:
+    """float64 [len(params), 2]: (sum F (p - anchor)^2, sum (p - anchor)^2) of each parameter (zeros without EWC
+    state), F and anchor upcast to the parameter's dtype as in ewc_adamw_ref. Call it on the pre-step parameters."""
+    fishers, anchors, _ = _ref_inputs(params, fishers, anchors)
+    device = params[0].device if params else torch.device("cpu")
+    out = torch.zeros((len(params), 2), dtype=torch.float64, device=device)
+    for i, (p, f, a) in enumerate(zip(params, fishers, anchors)):
+        if f is not None:
+            d = p - a.to(p.dtype)
+            out[i, 0] = (f.to(p.dtype) * d * d).sum(dtype=torch.float64)
+            out[i, 1] = (d * d).sum(dtype=torch.float64)
+    return out
+
+
 def ewc_grad_sq_norms_ref(params: Sequence[Tensor], grads: Sequence[Tensor], *,
                           fishers: Sequence[Tensor | None] | None = None,
                           anchors: Sequence[Tensor | None] | None = None,
@@ -221,6 +239,7 @@ class TensorGroup:
     sizes: list[int] = field(default_factory=list)
     pointer_rows: list[list[int]] | None = None  # p, m, v, F, anchor (p's pointers where a stream is absent)
     triton_tables: object = None  # kernels.ewc_adamw_triton.LaunchTables, built from pointer_rows
+    index_tensor: Tensor | None = None  # `indices` on the device (the drift's scatter into the caller's order)
 
     def __post_init__(self) -> None:
         self.sizes = [p.numel() for p in self.params]
@@ -254,6 +273,11 @@ class TensorGroup:
                                                                 self.anchors or self.params)]
             self.triton_tables = None
         return self.pointer_rows
+
+    def indices_on_device(self) -> Tensor:
+        if self.index_tensor is None:
+            self.index_tensor = torch.tensor(self.indices, dtype=torch.int64).to(self.device)
+        return self.index_tensor
 
     @property
     def has_ewc(self) -> bool:
@@ -334,7 +358,8 @@ def group_grads(group: TensorGroup, grads: Sequence[Tensor], *, check: bool = Tr
 class StepScalars:
     """A step's scalars, formed in float64 on the host (as torch's foreach AdamW does) and rounded once by the
     kernel, with the clip scale s (`grad_scale`; None: no clipping) and where it applies (`clip_total`), and the
-    EWC mode: `decoupled` (the pull after the Adam update) with its rate `pull_rate` = lr * lambda."""
+    EWC mode: `decoupled` (the pull after the Adam update) with its rate `pull_rate` = lr * lambda, and `drift`:
+    whether the backends return the per-tensor drift sums."""
 
     ewc_lambda: float
     lr: float
@@ -348,10 +373,11 @@ class StepScalars:
     clip_total: bool
     decoupled: bool
     pull_rate: float
+    drift: bool = False
 
     @classmethod
     def make(cls, *, ewc_lambda, lr, betas, eps, weight_decay, step, grad_scale, clip_mode,
-             ewc_mode) -> StepScalars:
+             ewc_mode, drift=False) -> StepScalars:
         if step < 1:
             raise ValueError(f"ewc_adamw: step counts from 1 (the step being taken), got {step}")
         if clip_mode not in CLIP_MODES:
@@ -364,7 +390,7 @@ class StepScalars:
         beta1, beta2 = (float(b) for b in betas)
         return cls(float(ewc_lambda), float(lr), beta1, beta2, float(eps), float(weight_decay),
                    1 - beta1**step, 1 - beta2**step, grad_scale, clip_mode == "total", ewc_mode == "decoupled",
-                   float(lr) * float(ewc_lambda))
+                   float(lr) * float(ewc_lambda), bool(drift))
 
     def scale_tensor(self, device: torch.device, dtype: torch.dtype) -> Tensor | None:
         """s as a 0-dim tensor on the device (read by the kernel: no host sync), None without clipping."""
@@ -446,16 +472,24 @@ def _sum_pairs(pairs: list[tuple[Tensor, Tensor]], grads: Sequence[Tensor]) -> t
 def step_groups(groups: Sequence[TensorGroup], grads: Sequence[Tensor], *, ewc_lambda: float, lr: float,
                 betas: tuple[float, float], eps: float, weight_decay: float, step: int,
                 grad_scale: float | Tensor | None = None, clip_mode: str = "task", ewc_mode: str = "coupled",
-                backend: str, check_grads: bool = True) -> tuple[Tensor, Tensor]:
-    """The step on prepared groups (see ewc_adamw_); `grads` is the caller's full list, picked by group.indices."""
+                backend: str, check_grads: bool = True, drift: bool = False) -> tuple[Tensor, ...]:
+    """The step on prepared groups (see ewc_adamw_); `grads` is the caller's full list, picked by group.indices.
+    With `drift`, a third result: float64 [len(grads), 2], the drift sums in the caller's order."""
     scalars = StepScalars.make(ewc_lambda=ewc_lambda, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                               step=step, grad_scale=grad_scale, clip_mode=clip_mode, ewc_mode=ewc_mode)
+                               step=step, grad_scale=grad_scale, clip_mode=clip_mode, ewc_mode=ewc_mode, drift=drift)
     results = []
+    per_param = None
+    if drift:
+        device = groups[0].device if groups else (grads[0].device if grads else torch.device("cpu"))
+        per_param = torch.zeros((len(grads), 2), dtype=torch.float64, device=device)
     for group in groups:
         module = _backend_module(backend, group.device)
-        penalty, ewc_sq = module.step(group, group_grads(group, grads, check=check_grads), scalars)
+        penalty, ewc_sq, per_tensor = module.step(group, group_grads(group, grads, check=check_grads), scalars)
         results.append((penalty.to(group.device), ewc_sq.to(group.device)))
-    return _sum_pairs(results, grads)
+        if per_tensor is not None:
+            per_param.index_copy_(0, group.indices_on_device(), per_tensor.to(group.device))
+    penalty, ewc_sq = _sum_pairs(results, grads)
+    return (penalty, ewc_sq) if per_param is None else (penalty, ewc_sq, per_param)
 
 
 def grad_sq_norms_groups(groups: Sequence[TensorGroup], grads: Sequence[Tensor], *, ewc_lambda: float,
@@ -475,7 +509,7 @@ def ewc_adamw_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
                anchors: Sequence[Tensor | None] | None = None, ewc_lambda: float = 0.0, lr: float,
                betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, step: int,
                grad_scale: float | Tensor | None = None, clip_mode: str = "task", ewc_mode: str = "coupled",
-               backend: str = "torch", block: int = DEFAULT_BLOCK) -> tuple[Tensor, Tensor]:
+               backend: str = "torch", block: int = DEFAULT_BLOCK, drift: bool = False) -> tuple[Tensor, ...]:
     """One fused EWC-AdamW step, in place on params, exp_avgs and exp_avg_sqs (see the module docstring).
 
     `step` is the step being taken (1 first); `grad_scale` the clip scale s (a float or a 1-element tensor on the
@@ -483,8 +517,10 @@ def ewc_adamw_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
     `ewc_mode` "coupled" (e enters Adam's moments) or "decoupled" (the proximal pull after the Adam update; clip
     mode "task" only).
     Returns 0-dim float64 tensors on the device: the penalty (lambda/2) sum F (p - anchor)^2 at the pre-step p,
-    and sum(e^2), the squared norm of the EWC gradient. Empty tensors are skipped. Every call validates every
-    tensor; EWCAdamW prepares the groups once (group_tensors) and calls step_groups.
+    and sum(e^2), the squared norm of the EWC gradient. With `drift`, also float64 [len(params), 2]: each
+    parameter's (sum F (p - anchor)^2, sum (p - anchor)^2) at the pre-step p (`ewc_drift_ref`; zeros where it has
+    no EWC state or ewc_lambda is 0). Empty tensors are skipped. Every call validates every tensor; EWCAdamW
+    prepares the groups once (group_tensors) and calls step_groups.
     """
     if len(grads) != len(params):
         raise ValueError(f"ewc_adamw: {len(grads)} grads for {len(params)} parameters")
@@ -492,7 +528,7 @@ def ewc_adamw_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
                            block=block)
     return step_groups(groups, grads, ewc_lambda=ewc_lambda, lr=lr, betas=betas, eps=eps,
                        weight_decay=weight_decay, step=step, grad_scale=grad_scale, clip_mode=clip_mode,
-                       ewc_mode=ewc_mode, backend=backend)
+                       ewc_mode=ewc_mode, backend=backend, drift=drift)
 
 
 def ewc_grad_sq_norms(params: Sequence[Tensor], grads: Sequence[Tensor], *,

@@ -85,17 +85,21 @@ def _ewc_dtype_names(group: TensorGroup) -> tuple[str, str]:
     return _dtype_name(group.fishers[0]), _dtype_name(group.anchors[0])
 
 
-def step(group: TensorGroup, grads: list[Tensor], scalars: StepScalars) -> tuple[Tensor, Tensor]:
-    """The fused step on one group (CPU); returns 0-dim float64 (penalty, sum e^2)."""
+def step(group: TensorGroup, grads: list[Tensor], scalars: StepScalars) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The fused step on one group (CPU); returns 0-dim float64 (penalty, sum e^2), and with scalars.drift float64
+    [T, 2] (sum F d^2, sum d^2) per tensor (None otherwise or without EWC)."""
     s = scalars.scale_value()
     p, m, v, f, a = group.pointers()
-    pen, sq = extension().ewc_adamw_step(
+    pen, sq, drift = extension().ewc_adamw_step(
         group.sizes, p, [grad.data_ptr() for grad in grads], m, v, f if group.has_ewc else [],
         a if group.has_ewc else [], _dtype_name(group.params[0]), *_ewc_dtype_names(group),
         scalars.ewc_lambda, scalars.lr, scalars.beta1, scalars.beta2, scalars.eps, scalars.weight_decay,
         scalars.bias_correction1, scalars.bias_correction2,
-        1.0 if scalars.clip_total else s, s if scalars.clip_total else 1.0, scalars.decoupled, scalars.pull_rate)
-    return (torch.tensor(scalars.ewc_lambda / 2 * pen, dtype=torch.float64), torch.tensor(sq, dtype=torch.float64))
+        1.0 if scalars.clip_total else s, s if scalars.clip_total else 1.0, scalars.decoupled, scalars.pull_rate,
+        scalars.drift)
+    per_tensor = torch.tensor(drift, dtype=torch.float64).view(-1, 2) if drift else None
+    return (torch.tensor(scalars.ewc_lambda / 2 * pen, dtype=torch.float64), torch.tensor(sq, dtype=torch.float64),
+            per_tensor)
 
 
 def grad_sq_norms(group: TensorGroup, grads: list[Tensor], ewc_lambda: float) -> tuple[Tensor, Tensor]:

@@ -21,20 +21,30 @@ def _upcast(ts: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
     return [t if t.dtype == dtype else t.to(dtype) for t in ts]
 
 
+def _dots(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
+    """float64 [len(xs)]: x . y per tensor."""
+    return torch.stack([torch.dot(x.view(-1), y.view(-1)).to(torch.float64) for x, y in zip(xs, ys)])
+
+
 def _dot_sum(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
-    return torch.stack([torch.dot(x.view(-1), y.view(-1)).to(torch.float64) for x, y in zip(xs, ys)]).sum()
+    return _dots(xs, ys).sum()
 
 
-def step(group: TensorGroup, grads: list[Tensor], scalars: StepScalars) -> tuple[Tensor, Tensor]:
-    """The step on one group; returns 0-dim float64 (penalty, sum e^2) on the device."""
+def step(group: TensorGroup, grads: list[Tensor], scalars: StepScalars) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The step on one group; returns 0-dim float64 (penalty, sum e^2) on the device, and with scalars.drift
+    float64 [T, 2] (sum F d^2, sum d^2) per tensor (None otherwise or without EWC)."""
     device = group.device
     grad_scale = scalars.scale_tensor(device, group.dtype)
     penalty = torch.zeros((), dtype=torch.float64, device=device)
     ewc_sq = torch.zeros((), dtype=torch.float64, device=device)
+    drift = None
     if group.has_ewc:
         d = torch._foreach_sub(group.params, _upcast(group.anchors, group.dtype))
         fd = torch._foreach_mul(d, _upcast(group.fishers, group.dtype))
-        penalty = (scalars.ewc_lambda / 2) * _dot_sum(fd, d)
+        fisher_drift = _dots(fd, d)
+        penalty = (scalars.ewc_lambda / 2) * fisher_drift.sum()
+        if scalars.drift:
+            drift = torch.stack([fisher_drift, _dots(d, d)], dim=1)
         del d
         e = torch._foreach_mul(fd, scalars.ewc_lambda)
         del fd
@@ -70,7 +80,7 @@ def step(group: TensorGroup, grads: list[Tensor], scalars: StepScalars) -> tuple
         w = torch._foreach_div(c, torch._foreach_add(c, 1.0))
         del c
         torch._foreach_lerp_(group.params, _upcast(group.anchors, group.dtype), w)
-    return penalty, ewc_sq
+    return penalty, ewc_sq, drift
 
 
 def grad_sq_norms(group: TensorGroup, grads: list[Tensor], ewc_lambda: float) -> tuple[Tensor, Tensor]:

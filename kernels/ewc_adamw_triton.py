@@ -5,8 +5,10 @@ every full block of its tensors and one over the tensors' last partial blocks, f
 (int64) and a block -> (tensor, offset) map, both cached on the group while the pointers stay (FSDP2 keeps local
 shards at stable addresses); the gradients' pointers go in a separate small table uploaded every step (FSDP2
 makes new gradients). Unmasked full blocks keep 128-bit vector accesses: the tensor sizes are not known to the
-compiler, so one masked path for everything would fall back to scalar accesses. The penalty and the norm are
-reduced per program into a small buffer, summed afterwards (deterministic, no atomics, no host synchronisation).
+compiler, so one masked path for everything would fall back to scalar accesses. The penalty, the norm and the
+plain drift sum(d^2) are reduced per program into a small buffer, summed afterwards (deterministic, no atomics, no
+host synchronisation); a program covers one block of one tensor, so the per-tensor drift is a segment sum of the
+same buffer (`_per_tensor`), on the device.
 Step count, lr, betas, eps, weight decay and lambda are runtime arguments: a new step never recompiles. The EWC
 mode is a constexpr (DECOUPLED): the same single pass, the pull towards the anchor applied to p in registers
 before its store, from the F and anchor values already loaded for the penalty.
@@ -20,6 +22,7 @@ on CUDA), so the CPU paths and `import kernels.ewc_adamw` never pay for it.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -56,7 +59,7 @@ if triton is not None:
         blocks,  # int64 [2, B]: tensor index and first element of each program's block
         num_blocks,  # B, the row stride of blocks
         sizes,  # int64 [T]: elements per tensor (read by the masked launch only)
-        partials,  # float32 [B, 2]: per-program sum(F d^2), sum(e^2)
+        partials,  # float32 [B, 3]: per-program sum(F d^2), sum(e^2), sum(d^2)
         grad_scale,  # float32 [1]: the clip scale (HAS_SCALE)
         ewc_lambda, lerp_weight, beta2, one_minus_beta2, bc2_sqrt, eps, decay, neg_step_size,
         pull_rate,  # lr * lambda (DECOUPLED)
@@ -102,11 +105,14 @@ if triton is not None:
             e = ewc_lambda * fd
             pen = fd * d
             sq = e * e
+            dsq = d * d
             if MASKED:  # masked-off lanes hold undefined values
                 pen = tl.where(mask, pen, 0.0)
                 sq = tl.where(mask, sq, 0.0)
-            tl.store(partials + 2 * pid, tl.sum(pen, axis=0))
-            tl.store(partials + 2 * pid + 1, tl.sum(sq, axis=0))
+                dsq = tl.where(mask, dsq, 0.0)
+            tl.store(partials + 3 * pid, tl.sum(pen, axis=0))
+            tl.store(partials + 3 * pid + 1, tl.sum(sq, axis=0))
+            tl.store(partials + 3 * pid + 2, tl.sum(dsq, axis=0))
             if DECOUPLED:  # Adam sees g * s only; F and anchor stay in registers for the pull below
                 if HAS_SCALE:
                     g = g * s
@@ -196,6 +202,7 @@ class LaunchTables:
     full_blocks: Tensor  # int64 [2, Bf]
     tail_blocks: Tensor  # int64 [2, Bt]
     aligned: bool  # every static pointer 16-byte aligned
+    full_ends: Tensor  # int64 [T]: one past each tensor's last full block (full blocks are in tensor order)
 
     @property
     def num_blocks(self) -> int:
@@ -226,7 +233,8 @@ def launch_tables(group: TensorGroup) -> LaunchTables:
         full, tail = _block_maps(group.sizes, group.block)
         group.triton_tables = LaunchTables(
             ptrs=_int64_on(rows, device), sizes=_int64_on(group.sizes, device), full_blocks=_int64_on(full, device),
-            tail_blocks=_int64_on(tail, device), aligned=all(x % 16 == 0 for r in rows for x in r))
+            tail_blocks=_int64_on(tail, device), aligned=all(x % 16 == 0 for r in rows for x in r),
+            full_ends=_int64_on(list(itertools.accumulate(n // group.block for n in group.sizes)), device))
     return group.triton_tables
 
 
@@ -268,17 +276,33 @@ def _launch_both(kernel, tables: LaunchTables, block: int, grads: list[Tensor], 
         kernel[(nfull,)](tables.ptrs, grad_ptrs, T, tables.full_blocks, nfull, tables.sizes, partials, *args,
                          MASKED=False, ALIGNED=aligned, BLOCK=block, **options, **constexprs)
     if ntail:
-        tail_partials = partials[nfull:] if partials.shape[0] > 1 else partials  # [1, 2]: unused placeholder
+        tail_partials = partials[nfull:] if partials.shape[0] > 1 else partials  # [1, k]: unused placeholder
         kernel[(ntail,)](tables.ptrs, grad_ptrs, T, tables.tail_blocks, ntail, tables.sizes, tail_partials, *args,
                          MASKED=True, ALIGNED=aligned, BLOCK=block, **options, **constexprs)
 
 
-def step(group: TensorGroup, grads: list[Tensor], scalars: StepScalars) -> tuple[Tensor, Tensor]:
-    """The fused step on one group; returns 0-dim float64 (penalty, sum e^2) on the device."""
+def _per_tensor(tables: LaunchTables, partials: Tensor) -> Tensor:
+    """float64 [T, k]: the per-program partials [B, k] summed per tensor, on the device without a host sync.
+
+    Full blocks come in tensor order, so a tensor's full blocks are a contiguous run: differences of a cumulative
+    sum at the runs' ends (no atomics, the same result on every run). Each tensor has at most one partial block.
+    """
+    nfull = tables.full_blocks.shape[1]
+    wide = partials.to(torch.float64)
+    cum = torch.cat([wide.new_zeros((1, wide.shape[1])), wide[:nfull].cumsum(dim=0)])
+    ends = cum[tables.full_ends]
+    out = torch.cat([ends[:1], ends[1:] - ends[:-1]])
+    return out.index_add_(0, tables.tail_blocks[0], wide[nfull:])
+
+
+def step(group: TensorGroup, grads: list[Tensor],
+         scalars: StepScalars) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The fused step on one group; returns 0-dim float64 (penalty, sum e^2) on the device, and with
+    scalars.drift float64 [T, 2] (sum F d^2, sum d^2) per tensor (None otherwise or without EWC)."""
     _check_float32(group)
     device = group.device
     tables = launch_tables(group)
-    partials = torch.empty((tables.num_blocks if group.has_ewc else 1, 2), dtype=torch.float32, device=device)
+    partials = torch.empty((tables.num_blocks if group.has_ewc else 1, 3), dtype=torch.float32, device=device)
     grad_scale = scalars.scale_tensor(device, torch.float32)
     lerp_weight = 1 - scalars.beta1
     args = (grad_scale if grad_scale is not None else partials, scalars.ewc_lambda, lerp_weight, scalars.beta2,
@@ -289,9 +313,10 @@ def step(group: TensorGroup, grads: list[Tensor], scalars: StepScalars) -> tuple
                  DECOUPLED=group.has_ewc and scalars.decoupled, LERP_SMALL=abs(lerp_weight) < 0.5)
     if not group.has_ewc:
         zero = torch.zeros((), dtype=torch.float64, device=device)
-        return zero, zero
-    sums = partials.sum(dim=0, dtype=torch.float64)
-    return (scalars.ewc_lambda / 2) * sums[0], sums[1]
+        return zero, zero, None
+    sums = partials[:, :2].sum(dim=0, dtype=torch.float64)
+    drift = _per_tensor(tables, partials)[:, [0, 2]] if scalars.drift else None
+    return (scalars.ewc_lambda / 2) * sums[0], sums[1], drift
 
 
 def grad_sq_norms(group: TensorGroup, grads: list[Tensor], ewc_lambda: float) -> tuple[Tensor, Tensor]:

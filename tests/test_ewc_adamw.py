@@ -153,6 +153,30 @@ def check_decoupled_pull(backend, *, dtype=torch.float32, device="cpu", block=K.
         assert moved > 0, f"{name}: nothing was pulled"
 
 
+def check_drift_matches_reference(backend, sizes, fisher_dtype, anchor_dtype, ewc_mode, *, device="cpu",
+                                  block=K.DEFAULT_BLOCK, steps=3):
+    """Each step's per-parameter drift (sum F d^2, sum d^2) equals ewc_drift_ref at that step's pre-step p, and the
+    drift=True step writes what the plain step writes (the telemetry changes no number of the update)."""
+    params, grads, fishers, anchors = make_case(sizes, fisher_dtype=fisher_dtype, anchor_dtype=anchor_dtype,
+                                                device=device, steps=steps)
+    p = [x.clone() for x in params]
+    m = [torch.zeros_like(x) for x in params]
+    v = [torch.zeros_like(x) for x in params]
+    plain = run_steps(K.ewc_adamw_, params, grads, fishers, anchors, ewc_lambda=0.7, backend=backend, block=block,
+                      ewc_mode=ewc_mode)
+    for step, g in enumerate(grads, start=1):
+        expected = K.ewc_drift_ref(p, fishers=fishers, anchors=anchors)
+        penalty, _, drift = K.ewc_adamw_(p, g, m, v, fishers=fishers, anchors=anchors, ewc_lambda=0.7, step=step,
+                                         backend=backend, block=block, ewc_mode=ewc_mode, drift=True, **HYPER)
+        assert drift.shape == (len(params), 2) and drift.dtype == torch.float64
+        torch.testing.assert_close(drift.cpu(), expected.cpu(), rtol=1e-4, atol=1e-12,
+                                   msg=f"{backend} {ewc_mode}: drift at step {step}")
+        assert (expected[1::3] == 0).all() and (expected[0::3, 1] > 0).all()  # no-EWC parameters and the rest
+        assert penalty.item() == pytest.approx(0.35 * expected[:, 0].sum().item(), rel=1e-5)
+    for a, b in zip(p, plain[0]):
+        assert torch.equal(a, b), f"{backend}: the drift=True step wrote other parameters"
+
+
 def check_norms_match_reference(backend, sizes, fisher_dtype, anchor_dtype, *, device="cpu",
                                 block=K.DEFAULT_BLOCK):
     params, grads, fishers, anchors = make_case(sizes, fisher_dtype=fisher_dtype, anchor_dtype=anchor_dtype,
@@ -281,6 +305,22 @@ def test_float64(seed, backend, ewc_mode):
     for name, a, b in zip("pmv", out[:3], ref[:3]):
         assert_rel_close(a, b, rtol=1e-13, what=name)
     assert_sums_close(out[3], ref[3], rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("fisher_dtype,anchor_dtype", EWC_DTYPE_PAIRS)
+@pytest.mark.parametrize("ewc_mode", K.EWC_MODES)
+def test_drift_matches_reference(seed, backend, fisher_dtype, anchor_dtype, ewc_mode):
+    check_drift_matches_reference(backend, SIZES + BIG, fisher_dtype, anchor_dtype, ewc_mode)
+
+
+def test_drift_is_zero_with_lambda_zero(seed):
+    params, grads, fishers, anchors = make_case(SIZES)
+    p = [x.clone() for x in params]
+    _, _, drift = K.ewc_adamw_(p, grads[0], [torch.zeros_like(x) for x in p], [torch.zeros_like(x) for x in p],
+                               fishers=fishers, anchors=anchors, ewc_lambda=0.0, step=1, backend="cpp", drift=True,
+                               **HYPER)
+    assert drift.shape == (len(p), 2) and not drift.any()
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])

@@ -14,7 +14,8 @@ import torch
 from kernels import ewc_adamw as K
 from kernels import ewc_adamw_triton
 from tests.test_ewc_adamw import (BIG, EWC_DTYPE_PAIRS, MODES, SIZES, check_backend_matches_reference,
-                                  check_decoupled_pull, check_norms_match_reference, make_case, run_steps)
+                                  check_decoupled_pull, check_drift_matches_reference, check_norms_match_reference,
+                                  make_case, run_steps)
 
 INTERPRETED = ewc_adamw_triton.interpreted()
 pytestmark = pytest.mark.skipif(
@@ -34,6 +35,14 @@ CASE_SIZES = SIZES if INTERPRETED else SIZES + BIG + [(1000, 4099)]
 def test_triton_matches_reference(seed, device, fisher_dtype, anchor_dtype, clip_mode, ewc_mode):
     check_backend_matches_reference("triton", CASE_SIZES, fisher_dtype, anchor_dtype, clip_mode, device=device,
                                     block=BLOCK, ewc_mode=ewc_mode)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fisher_dtype,anchor_dtype", EWC_DTYPE_PAIRS[:2])
+@pytest.mark.parametrize("ewc_mode", K.EWC_MODES)
+def test_triton_drift_matches_reference(seed, device, fisher_dtype, anchor_dtype, ewc_mode):
+    check_drift_matches_reference("triton", CASE_SIZES, fisher_dtype, anchor_dtype, ewc_mode, device=device,
+                                  block=BLOCK)
 
 
 @pytest.mark.parametrize("device", DEVICES)

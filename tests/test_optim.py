@@ -373,3 +373,66 @@ def test_lr_schedules():
     opt = EWCAdamW([torch.nn.Parameter(torch.randn(2))], lr=1.0)
     set_lr(opt, 0.25)
     assert opt.param_groups[0]["lr"] == 0.25
+
+
+def bucket_drift_ref(params, fisher, anchor, buckets, n):
+    """float64 [n, 2]: per bucket, sum F (p - a)^2 and sum (p - a)^2 over its parameters with EWC state."""
+    out = torch.zeros((n, 2), dtype=torch.float64)
+    for p, f, a in zip(params, fisher, anchor):
+        if p in buckets and f is not None:
+            d = p.detach().double() - a.double()
+            out[buckets[p], 0] += (f.double() * d * d).sum()
+            out[buckets[p], 1] += (d * d).sum()
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ewc_mode", ["coupled", "decoupled"])
+@pytest.mark.parametrize("dtype,ewc_dtype", [(torch.float64, None), (torch.float32, torch.bfloat16)])
+def test_drift_per_bucket_equals_the_reference_at_the_pre_step_parameters(seed, backend, ewc_mode, dtype, ewc_dtype):
+    model = make_model(dtype)
+    params = list(model.parameters())
+    fisher, anchor = make_ewc(model, ewc_dtype)
+    fisher[3] = anchor[3] = None  # a bucketed parameter without EWC state adds nothing
+    # the last bias is in no bucket; bucket "b" holds two layers
+    buckets = {params[0]: 0, params[1]: 0, params[2]: 1, params[3]: 1, params[4]: 1}
+    opt = EWCAdamW(model.parameters(), lr=1e-2, ewc_lambda=1.3, fisher=fisher, anchor=anchor, backend=backend,
+                   ewc_mode=ewc_mode)
+    assert opt.last_drift is None
+    opt.set_drift_buckets(buckets, ["a", "b"])
+    assert opt.drift_bucket_names == ["a", "b"]
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    for step in range(4):
+        x, y = make_data(dtype)
+        opt.zero_grad()
+        task_loss(model, x, y).backward()
+        if step == 1:  # a parameter without a gradient: its step count falls behind (one kernel call per count)
+            params[2].grad = None
+        expected = bucket_drift_ref([p if p.grad is not None else None for p in params], fisher, anchor, buckets, 2)
+        penalty = sum((1.3 / 2) * (f.to(dtype) * (p.detach() - a.to(dtype)) ** 2).sum().item()
+                      for p, f, a in zip(params, fisher, anchor) if f is not None and p.grad is not None)
+        opt.step()
+        drift = opt.last_drift
+        assert drift.dtype == torch.float64 and drift.shape == (2, 2)
+        torch.testing.assert_close(drift, expected, rtol=rtol, atol=0.0, msg=f"step {step}")
+        assert opt.last_penalty.item() == pytest.approx(penalty, rel=rtol * 10)
+    opt.set_drift_buckets({}, [])
+    opt.zero_grad()
+    task_loss(model, *make_data(dtype)).backward()
+    opt.step()
+    assert opt.last_drift is None
+
+
+def test_drift_is_none_without_ewc_and_bad_buckets_are_refused(seed):
+    model = make_model()
+    params = list(model.parameters())
+    fisher, anchor = make_ewc(model)
+    opt = EWCAdamW(model.parameters(), lr=1e-2, ewc_lambda=0.0, fisher=fisher, anchor=anchor, backend="torch")
+    opt.set_drift_buckets({p: 0 for p in params}, ["all"])
+    task_loss(model, *make_data()).backward()
+    opt.step()
+    assert opt.last_drift is None  # lambda 0: no EWC group runs, no drift to report
+    with pytest.raises(UserError, match="not an index"):
+        opt.set_drift_buckets({params[0]: 1}, ["all"])
+    with pytest.raises(UserError, match="not a parameter"):
+        opt.set_drift_buckets({torch.zeros(3): 0}, ["all"])

@@ -43,6 +43,13 @@ def _train(model, opt, batches, rank, world_size, *, sharded):
     return norms
 
 
+def _layer_buckets(model):
+    """One drift bucket per Linear layer (weight and bias), as the trainer has one per decoder block."""
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    return ({p: i for i, m in enumerate(linears) for p in m.parameters()},
+            [f"linear {i}" for i in range(len(linears))])
+
+
 def _sharded_vs_single(rank, world_size, seed, dtype, ewc_dtype, ewc_mode):
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
@@ -60,6 +67,7 @@ def _sharded_vs_single(rank, world_size, seed, dtype, ewc_dtype, ewc_mode):
     single = copy.deepcopy(model)
     single_opt = EWCAdamW(single.parameters(), **HYPER, ewc_lambda=LAMBDA, fisher=fisher, anchor=anchor,
                           ewc_mode=ewc_mode)
+    single_opt.set_drift_buckets(*_layer_buckets(single))
     single_norms = _train(single, single_opt, batches, rank, world_size, sharded=False)
 
     mesh = init_device_mesh("cpu", (world_size,))
@@ -75,6 +83,7 @@ def _sharded_vs_single(rank, world_size, seed, dtype, ewc_dtype, ewc_mode):
         return m, EWCAdamW(m.parameters(), **HYPER, ewc_lambda=LAMBDA, fisher=f, anchor=a, ewc_mode=ewc_mode)
 
     sharded, opt = sharded_setup()
+    opt.set_drift_buckets(*_layer_buckets(sharded))
     norms = _train(sharded, opt, batches[:2], rank, world_size, sharded=True)
     # deep copies: the state dicts reference the live tensors (as a DCP save would copy them to storage)
     model_sd = copy.deepcopy(get_model_state_dict(sharded))
@@ -95,6 +104,7 @@ def _sharded_vs_single(rank, world_size, seed, dtype, ewc_dtype, ewc_mode):
         "single": [p.detach().clone() for p in single.parameters()],
         "penalty": (opt.last_penalty.item(), single_opt.last_penalty.item()),
         "ewc_norm": (opt.last_ewc_grad_norm.item(), single_opt.last_ewc_grad_norm.item()),
+        "drift": (opt.last_drift.cpu(), single_opt.last_drift.cpu()),
         "norms": [(a.item(), b.item(), c.item(), d.item()) for (a, b), (c, d) in zip(norms, single_norms)],
         "backend": opt.backend,
         "cpp_built": ewc_adamw_cpp.extension() is not None,
@@ -128,6 +138,10 @@ def test_fsdp2_two_ranks_equal_single_process(seed):
             for name in ("penalty", "ewc_norm"):
                 sharded, single = r[name]
                 assert sharded == pytest.approx(single, rel=rtol * 10), name
+            # per-bucket drift: each rank reduced its shards, combined over the ranks like the penalty
+            sharded_drift, single_drift = r["drift"]
+            assert sharded_drift.shape == (3, 2) and (single_drift > 0).all()
+            torch.testing.assert_close(sharded_drift, single_drift, rtol=rtol * 10, atol=0.0)
             for step, (task, total, single_task, single_total) in enumerate(r["norms"]):
                 assert task == pytest.approx(single_task, rel=rtol * 10), f"task norm, step {step}"
                 assert total == pytest.approx(single_total, rel=rtol * 10), f"total norm, step {step}"

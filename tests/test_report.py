@@ -302,3 +302,56 @@ def test_a_decoupled_run_says_so_in_its_point_label():
     decoupled = Run(Path("b.json"), "b", 10.0, {"run": {"ewc_mode": "decoupled"}})
     assert _point_label(coupled) == "λ=10, replay 10%"
     assert _point_label(decoupled) == "λ=10 decoupled"
+def _metrics_run(tmp_path, name, drift_by_step, *, blocks=("embedding", "block 0", "block 1", "final_norm")):
+    """A run directory as `train` leaves it: RUN_DIR/metrics.jsonl and RUN_DIR/checkpoints/step_N; returns the
+    step directory (what eval records as run.checkpoint)."""
+    run_dir = tmp_path / "runs" / name
+    step_dir = run_dir / "checkpoints" / "step_6"
+    step_dir.mkdir(parents=True)
+    lines = []
+    for step, scale in drift_by_step:
+        record = {"step": step, "loss": 1.0, "ewc_penalty": 0.1}
+        if scale is not None:
+            record["drift"] = {"blocks": list(blocks), "fisher": [scale * (i + 1) for i in range(len(blocks))],
+                               "plain": [10 * scale * (i + 1) for i in range(len(blocks))]}
+        lines.append(json.dumps(record))
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n{\"step\": 7, \"torn")
+    return step_dir
+
+
+def test_drift_per_block_plot_from_the_runs_metrics(tmp_path):
+    pytest.importorskip("matplotlib")
+    from trainer.evaluate.report import drift_of_runs, load_runs
+
+    results = [_results("base", None, arc=0.55, mmlu=0.45, ppl=20.0),
+               _results("l1", 1.0, arc=0.5, mmlu=0.4, ppl=10.0), _results("l2", 1e6, arc=0.52, mmlu=0.41, ppl=12.0),
+               _results("l0", 0.0, arc=0.4, mmlu=0.3, ppl=9.0), _results("gone", 5.0, arc=0.4, mmlu=0.3, ppl=9.0)]
+    results[1]["run"] = {"checkpoint": str(_metrics_run(tmp_path, "l1", [(2, 1e-6), (4, 1e-4), (6, 0.0)]))}
+    results[2]["run"] = {"checkpoint": str(_metrics_run(tmp_path, "l2", [(2, 1e-9), (4, 1e-8), (4, 2e-8)]))}
+    results[3]["run"] = {"checkpoint": str(_metrics_run(tmp_path, "l0", [(2, None), (4, None)]))}  # no EWC
+    results[4]["run"] = {"checkpoint": str(tmp_path / "nowhere" / "checkpoints" / "step_1")}
+    paths = _write(tmp_path, *results)
+
+    found, missing = drift_of_runs(load_runs(paths))
+    assert [r.label for r, _ in found] == ["l1", "l2"] and [r.label for r in missing] == ["base", "l0", "gone"]
+    l1, l2 = found[0][1], found[1][1]
+    assert l1.blocks == ["embedding", "block 0", "block 1", "final_norm"] and l1.steps == [2, 4, 6]
+    assert l1.fisher[1] == pytest.approx([1e-4, 2e-4, 3e-4, 4e-4]) and l1.plain[2] == [0.0] * 4
+    assert l2.steps == [2, 4] and l2.fisher[1][0] == pytest.approx(2e-8)  # a resumed run's repeat: the later
+
+    written = write_report(paths, out=tmp_path / "r.md", plots=tmp_path / "plots")
+    plot = tmp_path / "plots" / "drift_per_block.png"
+    assert plot in written and _png_size(plot)[0] == 910  # 7 in at 130 dpi
+    text = (tmp_path / "r.md").read_text()
+    assert "![drift_per_block](plots/drift_per_block.png)" in text
+    assert "No drift telemetry (training metrics.jsonl not found, or trained without EWC): l0, gone." in text
+
+
+def test_no_drift_plot_without_telemetry(tmp_path):
+    pytest.importorskip("matplotlib")
+    paths = _write(tmp_path, _results("base", None, arc=0.55, mmlu=0.45, ppl=20.0),
+                   _results("l1", 1.0, arc=0.5, mmlu=0.4, ppl=10.0))
+    written = write_report(paths, out=tmp_path / "r.md", plots=tmp_path / "plots")
+    assert all(p.name != "drift_per_block.png" for p in written)
+    text = (tmp_path / "r.md").read_text()
+    assert "drift_per_block" not in text and "Drift per block" not in text and "No drift telemetry" not in text

@@ -98,6 +98,14 @@ def test_two_ranks_equal_one_rank(tmp_path, store, ewc):
     assert torch.allclose(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=0)
     if ewc:
         assert all(m["ewc_penalty"] > 0 for m in metrics(tmp_path / "one")[1:])
+        # per-block drift: each rank reduced its shards, combined over the ranks. The runs' parameters agree to
+        # ~1e-5 (above); a drift is a squared difference from the anchor, small ones (the final norm) amplify that
+        for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
+            assert a["drift"]["blocks"] == b["drift"]["blocks"]
+            for kind in ("fisher", "plain"):
+                assert b["drift"][kind] == pytest.approx(a["drift"][kind], rel=1e-3)
+    else:
+        assert all("drift" not in m for m in metrics(tmp_path / "two"))
         penalties = [m["ewc_penalty"] for m in metrics(tmp_path / "two")]
         assert torch.allclose(torch.tensor(penalties), torch.tensor([m["ewc_penalty"] for m in
                                                                      metrics(tmp_path / "one")]), rtol=1e-4)
@@ -142,6 +150,26 @@ def test_ewc_strength_keeps_parameters_near_the_anchor(tmp_path, store):
         anchor = {n: initial_value(n, t.shape, seed=0) for n, t in final.items()}
         distances.append(sum(float((final[n] - anchor[n]).square().sum()) for n in final) ** 0.5)
     assert distances == sorted(distances, reverse=True) and distances[-1] < 0.5 * distances[0], distances
+
+
+@pytest.mark.filterwarnings("ignore:.*the EWC anchor differs from the model's weights")
+def test_drift_per_block_is_written_at_logging_steps(tmp_path, store):
+    ewc = _ewc_file(tmp_path / "ewc.safetensors", perturb=0.01)
+    run(_overrides(store, **{"ewc.file": f"'{ewc}'", "ewc.lambda": 10.0, "optim.max_steps": 6,
+                             "logging.every": 2}), tmp_path / "run")
+    records = metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [2, 4, 6]
+    blocks = ["embedding", "block 0", "block 1", "block 2", "block 3", "final_norm"]  # the tiny preset: 4 layers
+    for r in records:
+        drift = r["drift"]
+        assert drift["blocks"] == blocks
+        assert len(drift["fisher"]) == len(drift["plain"]) == len(blocks)
+        # every anchor is 0.01 off the initial weights: every block has drifted, F in [0, 1) weighs it down
+        assert all(0 < f < p for f, p in zip(drift["fisher"], drift["plain"]))
+        # the blocks' F-weighted drifts add up to the penalty's sum F d^2 (lambda 10: penalty = 5 * sum)
+        assert 5 * sum(drift["fisher"]) == pytest.approx(r["ewc_penalty"], rel=1e-6)
+    plain = run(_overrides(store, **{"optim.max_steps": 2}), tmp_path / "plain")
+    assert len(plain) == 2 and all("drift" not in r for r in metrics(tmp_path / "plain"))
 
 
 def test_lambda_zero_equals_no_ewc(tmp_path, store):

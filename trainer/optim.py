@@ -6,6 +6,8 @@
     task_norm, total_norm = opt.clip_grad_norm_(1.0, mode="task")
     opt.step()
     opt.last_penalty, opt.last_ewc_grad_norm            # 0-dim tensors
+    opt.set_drift_buckets({param: bucket}, names)      # per-block drift telemetry (the trainer: by parameter name)
+    opt.last_drift                                     # float64 [buckets, 2]: sum F (p - anchor)^2, sum (p - anchor)^2
 
 step(), in one pass over memory per dtype group (kernels/ewc_adamw.py; "triton" on CUDA, "cpp" on CPU, "torch"
 anywhere), by `ewc_mode`:
@@ -14,7 +16,9 @@ anywhere), by `ewc_mode`:
         ewc_lambda * F, the proximal (implicit) step of the penalty over a time lr: the pull of the explicit step
         lr * ewc_lambda * F * (anchor - p) to first order, and never past the anchor. Clip mode "total" is refused
         in this mode (there is no sum of data and EWC gradients to clip).
-The penalty and the EWC-gradient norm are reduced at the pre-step parameters in both modes. Nothing EWC-related
+The penalty and the EWC-gradient norm are reduced at the pre-step parameters in both modes, and so is the drift
+per bucket when buckets are set (the kernels' per-block partial sums, segment-summed per tensor and then per bucket
+on the device: no second pass, no host sync; all-reduced across shards on first read like the penalty). Nothing EWC-related
 runs in the forward or backward pass. A parameter whose .grad is None is skipped entirely (no EWC
 pull, no decay, no step count), as torch.optim.AdamW skips it.
 
@@ -159,6 +163,9 @@ class _Plan:
     groups: dict[tuple, list[TensorGroup]]  # for the step and the "total" norm pass
     grad_groups: dict[tuple, list[TensorGroup]]  # the same without F and anchor: the "task" norm pass reads g
     dtensor: bool  # some parameter is a DTensor (gradients need .to_local())
+    # drift telemetry: positions in `params` of the bucketed parameters with EWC, and their bucket ids (device)
+    drift_positions: Tensor | None = None
+    drift_buckets: Tensor | None = None
 
 
 def _by_key_and_dtype(groups: list[TensorGroup]) -> dict[tuple, list[TensorGroup]]:
@@ -207,6 +214,10 @@ class EWCAdamW(torch.optim.Optimizer):
         self._clip: tuple[Tensor, str] | None = None  # (scale, mode) for the next step
         self._last_local: list[tuple[object, Tensor, Tensor]] = []  # (reduce key, penalty, sum e^2) per key
         self._last_reduced: tuple[Tensor, Tensor] | None = None
+        self._drift_buckets: dict[Tensor, int] = {}  # parameter -> bucket index (set_drift_buckets)
+        self._drift_names: list[str] = []
+        self._last_drift_local: list[tuple[object, Tensor]] = []  # (reduce key, [buckets, 2]) per key
+        self._last_drift: Tensor | None = None
         self.set_ewc_state(fisher, anchor, ewc_lambda, ewc=ewc, ewc_mode=ewc_mode)
 
     # --- EWC state -------------------------------------------------------------------------------------------
@@ -267,6 +278,30 @@ class EWCAdamW(torch.optim.Optimizer):
             if f is None or a is None:
                 raise UserError(f"parameter {i}: EWC state needs both fisher and anchor (or neither)")
             self._ewc[p] = (self._ewc_local(i, "fisher", p, f), self._ewc_local(i, "anchor", p, a))
+
+    def set_drift_buckets(self, buckets: Mapping[Tensor, int], names: Sequence[str]) -> None:
+        """Report the drift per bucket: `buckets` maps parameters to indices into `names` (the trainer: one per
+        decoder block, the embedding, the final norm). A parameter not in it is left out of every bucket. Each
+        step with EWC on then sums, per bucket and at the pre-step parameters, sum F (p - anchor)^2 and
+        sum (p - anchor)^2 (`last_drift`); an empty mapping turns the telemetry off."""
+        names = [str(n) for n in names]
+        position = {p: i for i, p in enumerate(self._all_params())}
+        checked = {}
+        for p, b in buckets.items():
+            if p not in position:
+                raise UserError(f"drift bucket for a {_tensor_summary(p)} that is not a parameter of this optimizer")
+            if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < len(names):
+                raise UserError(f"drift bucket {b!r} of parameter {position[p]} is not an index into the "
+                                f"{len(names)} bucket names")
+            checked[p] = b
+        self._drift_buckets = checked
+        self._drift_names = names if checked else []
+        self._invalidate()
+
+    @property
+    def drift_bucket_names(self) -> list[str]:
+        """The names of the drift buckets, in the order of last_drift's rows."""
+        return list(self._drift_names)
 
     def _mapping_of_lists(self, fisher: Sequence[Tensor | None] | None,
                           anchor: Sequence[Tensor | None] | None) -> dict[Tensor, tuple[Tensor, Tensor]]:
@@ -360,6 +395,12 @@ class EWCAdamW(torch.optim.Optimizer):
         grad_groups = group_tensors(local_params, None, None, None, None, ewc_lambda=0.0, tags=tags, check=False)
         plan = _Plan(key, list(params), steps, _by_key_and_dtype(groups), _by_key_and_dtype(grad_groups),
                      any(is_dtensor(p) for p in params))
+        picked = [(j, self._drift_buckets[p]) for j, p in enumerate(params)
+                  if p in self._drift_buckets and p in self._ewc and self._ewc_lambda != 0]
+        if picked:
+            device = local_params[0].device
+            plan.drift_positions = torch.tensor([j for j, _ in picked], dtype=torch.int64).to(device)
+            plan.drift_buckets = torch.tensor([b for _, b in picked], dtype=torch.int64).to(device)
         self._plans[group_index] = plan
         return plan
 
@@ -484,28 +525,45 @@ class EWCAdamW(torch.optim.Optimizer):
         # A named span so `gemma-ewc profile` can time the fused step (the C++ kernel is no torch operator).
         with torch.profiler.record_function("ewc_adamw_step"):
             sums: dict[object, list[Tensor]] = {}
+            drift: dict[object, Tensor] = {}  # reduce key -> float64 [buckets, 2]
             for group, plan, grads in self._plans_with_grads():
                 plan.steps.add_(1.0)
                 step_values = plan.steps.tolist()
+                with_drift = plan.drift_positions is not None
                 hyper = dict(ewc_lambda=self._ewc_lambda, lr=float(group["lr"]), betas=group["betas"], eps=group["eps"],
                              weight_decay=group["weight_decay"], grad_scale=scale, clip_mode=mode,
-                             ewc_mode=self._ewc_mode, check_grads=False)
+                             ewc_mode=self._ewc_mode, check_grads=False, drift=with_drift)
                 # Parameters that missed steps (no grad at times) have their own step count: one call per count.
                 counts = sorted(set(step_values))
                 for (reduce_key, dtype), groups in plan.groups.items():
                     backend = self._backend_for(dtype)
                     acc = sums.setdefault(reduce_key, [])
                     if len(counts) == 1:
-                        acc.extend(step_groups(groups, grads, step=int(counts[0]), backend=backend, **hyper))
-                        continue
-                    for count in counts:
-                        chosen = {i for i, v in enumerate(step_values) if v == count}
-                        subsets = [sub for sub in (group.subset(chosen) for group in groups) if sub is not None]
-                        if subsets:
-                            acc.extend(step_groups(subsets, grads, step=int(count), backend=backend, **hyper))
+                        calls = [groups]
+                    else:
+                        chosen_sets = [{i for i, v in enumerate(step_values) if v == count} for count in counts]
+                        calls = [[sub for sub in (group.subset(chosen) for group in groups) if sub is not None]
+                                 for chosen in chosen_sets]
+                    for count, call_groups in zip(counts, calls):
+                        if not call_groups:
+                            continue
+                        out = step_groups(call_groups, grads, step=int(count), backend=backend, **hyper)
+                        acc.extend(out[:2])
+                        if with_drift:
+                            self._add_drift(drift, reduce_key, plan, out[2])
         self._last_local = [(key, torch.stack(v[0::2]).sum(), torch.stack(v[1::2]).sum()) for key, v in sums.items()]
         self._last_reduced = None
+        self._last_drift_local = list(drift.items())
+        self._last_drift = None
         return loss
+
+    def _add_drift(self, drift: dict[object, Tensor], reduce_key, plan: _Plan, per_param: Tensor) -> None:
+        """Add a step call's per-parameter drift sums [len(plan.params), 2] into the key's per-bucket sums (zeros
+        for the parameters the call did not cover, so calls of one key simply add up)."""
+        acc = drift.get(reduce_key)
+        if acc is None:
+            acc = drift[reduce_key] = per_param.new_zeros((len(self._drift_names), 2))
+        acc.index_add_(0, plan.drift_buckets, per_param.index_select(0, plan.drift_positions))
 
     # --- metrics ---------------------------------------------------------------------------------------------
 
@@ -522,6 +580,23 @@ class EWCAdamW(torch.optim.Optimizer):
         every rank must read it, or none); reading does not synchronise the host with the device.
         """
         return self._reduced_last()[0]
+
+    @property
+    def last_drift(self) -> Tensor | None:
+        """float64 [buckets, 2] of the last step: per drift bucket (rows in drift_bucket_names' order) the
+        F-weighted drift sum F (p - anchor)^2 and the plain drift sum (p - anchor)^2 at the pre-step parameters.
+        None when no drift was reduced (no buckets set, no EWC state, or ewc_lambda 0). All-reduced over the
+        ranks holding different shards on the first read after a step, like last_penalty (every rank reads it,
+        or none); reading does not synchronise the host with the device."""
+        if not self._last_drift_local:
+            return None
+        if self._last_drift is None:
+            total = None
+            for key, local in self._last_drift_local:
+                reduced = _all_reduce(local, key)
+                total = reduced if total is None else total + reduced.to(total.device)
+            self._last_drift = total
+        return self._last_drift
 
     @property
     def last_ewc_grad_norm(self) -> Tensor:

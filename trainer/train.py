@@ -123,6 +123,33 @@ def attach_ewc(config: TrainConfig, model, optimizer) -> dict:
             "fisher_normalize_divisor": state.normalize_divisor, "anchor_max_diff": state.max_anchor_diff}
 
 
+def drift_buckets(model) -> tuple[dict, list[str]]:
+    """The drift telemetry's buckets by parameter name: embed_tokens -> "embedding", layers.N.* -> "block N",
+    norm -> "final_norm" (wrapper prefixes such as _orig_mod. and _checkpoint_wrapped_module. ignored); any
+    other parameter is left out. Returns ({parameter: bucket index}, names)."""
+    num_layers = model.config.num_layers
+    names = ["embedding", *(f"block {i}" for i in range(num_layers)), "final_norm"]
+    buckets = {}
+    for name, p in model.named_parameters():
+        parts = [x for x in name.split(".") if not x.startswith("_")]
+        if parts[:1] == ["embed_tokens"]:
+            buckets[p] = 0
+        elif parts[:1] == ["layers"] and len(parts) > 1 and parts[1].isdigit():
+            buckets[p] = 1 + int(parts[1])
+        elif parts[:1] == ["norm"]:
+            buckets[p] = num_layers + 1
+    return buckets, names
+
+
+def drift_record(optimizer) -> dict | None:
+    """The metrics record's `drift` (reads the optimizer's last drift: a host sync, at logging steps only)."""
+    drift = optimizer.last_drift
+    if drift is None:
+        return None
+    rows = drift.cpu().tolist()
+    return {"blocks": optimizer.drift_bucket_names, "fisher": [r[0] for r in rows], "plain": [r[1] for r in rows]}
+
+
 # ------------------------------------------------------------------------------------------------------ metrics
 
 
@@ -295,6 +322,8 @@ def train(config: TrainConfig, run_dir: str | Path, *, stop_after: int | None = 
     optimizer = EWCAdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                          weight_decay=o.weight_decay, backend=o.backend)
     ewc_info = attach_ewc(config, model, optimizer)
+    if ewc_info:
+        optimizer.set_drift_buckets(*drift_buckets(model))
     loader = build_loader(config, rank=env.rank, world_size=env.world_size, vocab_size=model.config.vocab_size)
 
     checkpoint_dir = run_dir / "checkpoints"
@@ -376,6 +405,9 @@ def train(config: TrainConfig, run_dir: str | Path, *, stop_after: int | None = 
                 "max_memory_gb": _max_memory_gb(device), "skipped": not finite,
                 "skipped_total": summary.skipped_steps,
             }
+            drift = drift_record(optimizer) if finite else None
+            if drift is not None:
+                record["drift"] = drift
             log.write(record, o.max_steps)
             interval_tokens, interval_flops, interval_start = 0, 0.0, time.perf_counter()
         if step_hook is not None:

@@ -2,7 +2,8 @@
 
 Compares the eval results of several runs: the Markdown tables (scores, change vs base, the Pareto frontier of old
 knowledge against the new language) and, with --plots, accuracy_vs_lambda.png, perplexity_vs_lambda.png (λ on a log
-axis, 0 at its left edge) and pareto.png, all from trainer.evaluate.report. --old/--new name a perplexity set or a
+axis, 0 at its left edge), pareto.png and, for runs whose training metrics.jsonl holds EWC drift telemetry,
+drift_per_block.png, all from trainer.evaluate.report. --old/--new name a perplexity set or a
 task as it appears in the results; with neither, two perplexity sets are old then new in the first file's order.
 """
 
@@ -20,8 +21,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("results", nargs="+", metavar="RESULTS.json", help="eval results of the runs to compare")
     p.add_argument("--out", required=True, metavar="FILE", help="write the Markdown report here")
     p.add_argument("--plots", default=None, metavar="DIR",
-                   help="also draw PNG plots (accuracy and perplexity vs lambda, the Pareto plot) here; "
-                        "needs matplotlib")
+                   help="also draw PNG plots (accuracy and perplexity vs lambda, the Pareto plot, the drift "
+                        "per block of runs whose metrics.jsonl is found) here; needs matplotlib")
     p.add_argument("--base", default=None, metavar="LABEL|FILE",
                    help="the base run (default: the one run without a lambda)")
     p.add_argument("--old", default=None, metavar="NAME",

@@ -29,6 +29,11 @@ README's ~700 px:
   against λ on a log axis; λ = 0 sits one decade left of the smallest positive λ, its tick reads "0" and a "//"
   break on the axis marks that it is not a point of the log scale. One line per replay weight; the base is a dashed
   line, like the reference study's figures.
+- drift_per_block.png: where along the model the parameters moved from the anchor, for each run whose training
+  metrics can be found (results' run.checkpoint is RUN_DIR/checkpoints/step_N, so RUN_DIR/metrics.jsonl) and hold
+  the `drift` telemetry (EWC on): one row per run, two heat maps, blocks (embedding at the bottom, the final norm
+  at the top) × logging steps, coloured by the F-weighted drift sum F (θ - θ*)² and the plain drift ‖θ - θ*‖² on
+  one log scale per column for all runs. Runs without such metrics are left out, and the Markdown names them.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ from trainer.errors import UserError
 from trainer.fileio import atomic_path
 
 RESULTS_FORMAT = "gemma-ewc/eval-v1"
-PLOT_FILES = ("accuracy_vs_lambda.png", "perplexity_vs_lambda.png", "pareto.png")  # what --plots DIR receives
+PLOT_FILES = ("accuracy_vs_lambda.png", "perplexity_vs_lambda.png", "pareto.png",
+              "drift_per_block.png")  # what --plots DIR receives
 FIGURE_WIDTH_INCHES = 7.0
 PLOT_DPI = 130  # 7 in × 130 = 910 px: a README's ~700 px scales it by 0.77, so 10 pt text stays ~14 px tall
 PLOT_STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,
@@ -346,7 +352,8 @@ def _old_new_line(old: Metric, new: Metric) -> str:
 
 
 def render_markdown(runs: Sequence[Run], base: Run | None, *, plots: Sequence[Path] = (),
-                    out_dir: Path | None = None, old_new: tuple[Metric, Metric] | None = None) -> str:
+                    out_dir: Path | None = None, old_new: tuple[Metric, Metric] | None = None,
+                    without_drift: Sequence[Run] = ()) -> str:
     tasks = _union(runs, "tasks")
     ppl_sets = _union(runs, "perplexity")
     metrics = {t: _primary(runs, t) for t in tasks}
@@ -433,6 +440,12 @@ def render_markdown(runs: Sequence[Run], base: Run | None, *, plots: Sequence[Pa
         lines += ["## Plots", ""]
         if old_new is not None and any(p.name == PLOT_FILES[2] for p in plots):
             lines += [f"Pareto plot: {_old_new_line(*old_new)} Better is up and right.", ""]
+        if any(p.name == PLOT_FILES[3] for p in plots):
+            lines += ["Drift per block: per logging step, the F-weighted drift Σ F(θ − θ*)² and the plain drift "
+                      "‖θ − θ*‖² of the embedding, each decoder block and the final norm (log colour scale).", ""]
+        if without_drift:
+            lines += [f"No drift telemetry (training metrics.jsonl not found, or trained without EWC): "
+                      f"{', '.join(r.label for r in without_drift)}.", ""]
         for p in plots:
             rel = os.path.relpath(p, out_dir) if out_dir else str(p)
             lines += [f"![{p.stem}]({rel})", ""]
@@ -672,8 +685,112 @@ def _log_scale_if_wide(ax, which: str, values: Sequence[float]) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
+@dataclass
+class DriftSeries:
+    """A run's drift telemetry from its training metrics.jsonl: blocks, logging steps, and [step][block] values."""
+    blocks: list[str]
+    steps: list[int]
+    fisher: list[list[float]]
+    plain: list[list[float]]
+
+
+def metrics_path(run: Run) -> Path | None:
+    """RUN_DIR/metrics.jsonl of the run that produced the evaluated checkpoint (run.checkpoint is
+    RUN_DIR/checkpoints/step_N), or None when the results name no checkpoint or the file is not there."""
+    checkpoint = run.data.get("run", {}).get("checkpoint")
+    if not isinstance(checkpoint, str) or not checkpoint:
+        return None
+    step_dir = Path(checkpoint)
+    if not step_dir.is_absolute():
+        step_dir = run.path.parent / step_dir
+    path = step_dir.parent.parent / "metrics.jsonl"
+    return path if path.is_file() else None
+
+
+def load_drift(path: Path) -> DriftSeries | None:
+    """The `drift` records of a metrics.jsonl (torn or foreign lines skipped), None when it has none. The blocks
+    are those of the last record; records with other blocks (another model) are left out."""
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        drift = record.get("drift") if isinstance(record, dict) else None
+        if isinstance(drift, dict) and _is_number(record.get("step")) and isinstance(drift.get("blocks"), list):
+            records.append((int(record["step"]), drift))
+    if not records:
+        return None
+    blocks = records[-1][1]["blocks"]
+    by_step = {}
+    for step, drift in records:  # a resumed run repeats steps: the later record wins
+        if drift["blocks"] == blocks and len(drift.get("fisher", ())) == len(drift.get("plain", ())) == len(blocks):
+            by_step[step] = drift
+    steps = sorted(by_step)
+    return DriftSeries([str(b) for b in blocks], steps, [by_step[s]["fisher"] for s in steps],
+                       [by_step[s]["plain"] for s in steps])
+
+
+def drift_of_runs(runs: Sequence[Run]) -> tuple[list[tuple[Run, DriftSeries]], list[Run]]:
+    """(runs with drift telemetry and their series, runs without)."""
+    found, missing = [], []
+    for run in runs:
+        path = metrics_path(run)
+        series = load_drift(path) if path is not None else None
+        if series is None:
+            missing.append(run)
+        else:
+            found.append((run, series))
+    return found, missing
+
+
+def _sparse_ticks(ax, axis: str, labels: Sequence[str], most: int) -> None:
+    """At most `most` ticks, the first and the last always labelled."""
+    every = max(1, math.ceil(len(labels) / most))
+    at = sorted(set(range(0, len(labels), every)) | {len(labels) - 1})
+    if len(at) > 1 and at[-1] - at[-2] < every:  # the last would crowd its neighbour
+        at.pop(-2)
+    getattr(ax, f"set_{axis}ticks")(at)
+    getattr(ax, f"set_{axis}ticklabels")([labels[i] for i in at])
+
+
+def _draw_drift(plt, series: Sequence[tuple[Run, DriftSeries]], path: Path) -> bool:
+    """One row per run: heat maps blocks × steps of the F-weighted and the plain drift, on one log colour scale
+    per column (the runs compare by colour)."""
+    if not series:
+        return False
+    from matplotlib.colors import LogNorm
+
+    columns = (("fisher", "Σ F(θ − θ*)²"), ("plain", "‖θ − θ*‖²"))
+    norms = []
+    for kind, _ in columns:
+        positive = [x for _, s in series for row in getattr(s, kind) for x in row if x > 0]
+        low, high = (min(positive), max(positive)) if positive else (1e-30, 1.0)
+        norms.append(LogNorm(vmin=low, vmax=max(high, low * 1.0001)))
+    rows = len(series)
+    fig, axes = plt.subplots(rows, 2, figsize=(FIGURE_WIDTH_INCHES, 0.8 + 2.6 * rows), squeeze=False)
+    for (run, s), row in zip(series, axes):
+        for ax, (kind, title), norm in zip(row, columns, norms):
+            values = getattr(s, kind)  # [step][block]
+            # (blocks, steps); a zero drift shows at the scale's floor
+            grid = [[max(values[j][i], norm.vmin) for j in range(len(s.steps))] for i in range(len(s.blocks))]
+            image = ax.imshow(grid, aspect="auto", origin="lower", interpolation="nearest", norm=norm,
+                              cmap="viridis")
+            fig.colorbar(image, ax=ax)
+            ax.set_title(f"{run.label}: {title}")
+            ax.set_xlabel("step")
+            _sparse_ticks(ax, "x", [str(x) for x in s.steps], 5)
+            _sparse_ticks(ax, "y", s.blocks, 10)
+    fig.suptitle("Drift from the anchor per block")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
 def draw_plots(runs: Sequence[Run], base: Run | None, out_dir: Path, *,
-               old_new: tuple[Metric, Metric] | None = None) -> list[Path]:
+               old_new: tuple[Metric, Metric] | None = None,
+               drift: Sequence[tuple[Run, DriftSeries]] = ()) -> list[Path]:
     try:
         import matplotlib
 
@@ -702,6 +819,8 @@ def draw_plots(runs: Sequence[Run], base: Run | None, out_dir: Path, *,
             written.append(out_dir / PLOT_FILES[1])
         if old_new is not None and _draw_pareto(plt, runs, base, *old_new, out_dir / PLOT_FILES[2]):
             written.append(out_dir / PLOT_FILES[2])
+        if _draw_drift(plt, drift, out_dir / PLOT_FILES[3]):
+            written.append(out_dir / PLOT_FILES[3])
     return written
 
 
@@ -711,8 +830,12 @@ def write_report(paths: Sequence[Path], *, out: Path, plots: Path | None = None,
     old_new = choose_old_new(runs, old=old, new=new)  # before ordering: the defaults follow the files' order
     base_run = choose_base(runs, base)
     runs = order_runs(runs, base_run)
-    images = draw_plots(runs, base_run, plots, old_new=old_new) if plots is not None else []
-    text = render_markdown(runs, base_run, plots=images, out_dir=out.parent, old_new=old_new)
+    drift, without_drift = drift_of_runs(runs) if plots is not None else ([], [])
+    images = draw_plots(runs, base_run, plots, old_new=old_new, drift=drift) if plots is not None else []
+    # the base (the pretrained model) was not trained here: it has no drift, and the note would only be noise
+    without_drift = [r for r in without_drift if r is not base_run] if drift else []
+    text = render_markdown(runs, base_run, plots=images, out_dir=out.parent, old_new=old_new,
+                           without_drift=without_drift)
     with atomic_path(out) as tmp:
         tmp.write_text(text + "\n")
     return [out, *images]
