@@ -769,7 +769,7 @@ def _draw_drift(plt, series: Sequence[tuple[Run, DriftSeries]], path: Path) -> b
         norms.append(LogNorm(vmin=low, vmax=max(high, low * 1.0001)))
     rows = len(series)
     fig, axes = plt.subplots(rows, 2, figsize=(FIGURE_WIDTH_INCHES, 0.8 + 2.6 * rows), squeeze=False)
-    for (run, s), row in zip(series, axes):
+    for number, ((run, s), row) in enumerate(zip(series, axes)):
         for ax, (kind, title), norm in zip(row, columns, norms):
             values = getattr(s, kind)  # [step][block]
             # (blocks, steps); a zero drift shows at the scale's floor
@@ -777,7 +777,8 @@ def _draw_drift(plt, series: Sequence[tuple[Run, DriftSeries]], path: Path) -> b
             image = ax.imshow(grid, aspect="auto", origin="lower", interpolation="nearest", norm=norm,
                               cmap="viridis")
             fig.colorbar(image, ax=ax)
-            ax.set_title(f"{run.label}: {title}")
+            # Column titles once; each row names its run in the label of its own plot (labels are long).
+            ax.set_title(f"{title}\n{_point_label(run)}" if number == 0 else _point_label(run), fontsize="medium")
             ax.set_xlabel("step")
             _sparse_ticks(ax, "x", [str(x) for x in s.steps], 5)
             _sparse_ticks(ax, "y", s.blocks, 10)
