@@ -34,12 +34,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _same(a: Path, b: Path) -> bool:
-    """The same file or directory, also through links."""
-    try:
+    """The same file or directory, also through links (by path where the file system cannot say)."""
+    with contextlib.suppress(OSError):
         if a.exists() and b.exists():
             return os.path.samefile(a, b)
-    except OSError:
-        pass
     return a.resolve() == b.resolve()
 
 

@@ -77,6 +77,7 @@ class SweepPlan:
     base_model: str | None  # the starting model (model.pretrained), evaluated as "base"
     seq_len: int  # the shortest context a run trains at: the base model is scored at it too, for a fair comparison
     report_args: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)  # what the runs read: the sweep never writes over them
 
     def manifest(self) -> dict:
         """sweep.json's content, as JSON reads it back (lists, not tuples: a resumed sweep compares equal)."""
@@ -156,6 +157,7 @@ def plan_sweep(config: str | Path, *, out: str | Path, grid: Sequence[str], eval
     if len(set(keys)) != len(keys):
         raise UserError(f"--grid names a key twice: {keys}")
     runs, base_model, seq_lens = [], None, []
+    inputs = [str(config), *_eval_inputs(eval_args)]
     for index, values in enumerate(itertools.product(*(v for _, v in axes))):
         assignment = list(zip(keys, values))
         run_overrides = tuple(f"{k}={v}" for k, v in assignment)
@@ -165,22 +167,16 @@ def plan_sweep(config: str | Path, *, out: str | Path, grid: Sequence[str], eval
             raise UserError(f"run {', '.join(run_overrides)}: {exc}") from None
         base_model = resolved.model.pretrained
         seq_lens.append(resolved.data.seq_len)
+        inputs += [p for p in (*resolved.data.stores, resolved.data.tokenizer, resolved.ewc.file,
+                               resolved.model.pretrained) if p]
         runs.append(SweepRun(run_name(index, assignment), run_overrides))
     return SweepPlan(Path(out), config, sha256_file(config), axes, list(overrides), list(eval_args), runs,
-                     base_model, min(seq_lens), list(report_args))
-
-
-def _inputs(plan: SweepPlan) -> list[str]:
-    paths = [str(plan.config), *_eval_inputs(plan.eval_args)]
-    for run in plan.runs:
-        resolved = load_config(plan.config, [*plan.overrides, *run.overrides])
-        paths += [*resolved.data.stores, resolved.data.tokenizer, resolved.ewc.file, resolved.model.pretrained]
-    return [p for p in paths if p]
+                     base_model, min(seq_lens), list(report_args), inputs)
 
 
 def prepare_dir(plan: SweepPlan, *, overwrite: bool) -> None:
     """A new sweep directory, or this sweep's own (resumed); another sweep's only with `overwrite` (replaced)."""
-    out = check_output(plan.out, inputs=_inputs(plan), overwrite=True, directory=True)
+    out = check_output(plan.out, inputs=plan.inputs, overwrite=True, directory=True)
     manifest_path = out / MANIFEST
     if out.is_dir() and any(out.iterdir()):
         if not manifest_path.is_file():
