@@ -106,9 +106,11 @@ class EWCConfig:
 class ParallelConfig:
     dp_replicate: int = _f(1, "HSDP: replicas (typically the number of nodes); 1 = plain FSDP")
     dp_shard: int = _f(-1, "ranks each parameter is sharded over (-1 = world size / dp_replicate)")
-    activation_checkpointing: str = _f("none", "recompute activations in backward",
-                                       choices=("none", "selective", "full"))
-    compile: bool = _f(False, "torch.compile each decoder block")
+    activation_checkpointing: str = _f(
+        "auto", "recompute activations in backward: auto (on CUDA the least recomputation that fits the device's "
+        "memory, measured at start; none on CPU), none, op (op-level selective: matmul and attention outputs kept), "
+        "selective (every other block), full (every block)", choices=("auto", "none", "op", "selective", "full"))
+    compile: bool | None = _f(None, "torch.compile each decoder block (unset: on CUDA yes, on CPU no)")
     param_dtype: str = _f("bfloat16", "compute dtype of the sharded model (CPU runs use float32)",
                           choices=("bfloat16", "float32"))
     reduce_dtype: str = _f("float32", "gradient reduction dtype", choices=("bfloat16", "float32"))

@@ -18,12 +18,13 @@ depend on the number of ranks, so a 27B model never sits whole on one rank and 1
 from __future__ import annotations
 
 import zlib
+from collections import defaultdict
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from trainer.config import ParallelConfig
 from trainer.distributed import local_index, local_tensor
@@ -57,37 +58,104 @@ class CheckpointedDecoderLayer(DecoderLayer):
         # Only when there is a backward to recompute for; decoding with a KV cache writes the cache as it goes and
         # must not run twice.
         if kv_cache is None and torch.is_grad_enabled():
-            return checkpoint(super().forward, x, rope, masks, use_reentrant=False)
+            return checkpoint(super().forward, x, rope, masks, use_reentrant=False, **self.checkpoint_options())
         return super().forward(x, rope, masks, kv_cache)
+
+    @staticmethod
+    def checkpoint_options() -> dict:
+        return {}
+
+
+# Ops whose outputs op-level selective checkpointing keeps (torchtitan's list, our attention included): the matrix
+# products and attention, the expensive part to recompute; everything elementwise (norms, RoPE, GeGLU, soft-caps)
+# is recomputed, which costs little time and most of the memory.
+_SAVED_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops._c10d_functional.reduce_scatter_tensor.default,
+    torch.ops.higher_order.flex_attention,
+}
+
+
+def _op_policy(counts: dict):
+    def policy(ctx, op, *args, **kwargs):
+        # Every other matrix product is recomputed too (as torchtitan does): of a block's seven projections, the
+        # outputs of about half are kept, which halves their memory for one extra matmul in two.
+        mode = "recompute" if ctx.is_recompute else "forward"
+        if op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            counts[mode] += 1
+            if counts[mode] % 2 == 0:
+                return CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def _op_selective_context():
+    return create_selective_checkpoint_contexts(_op_policy(defaultdict(int)))
+
+
+class OpCheckpointedDecoderLayer(CheckpointedDecoderLayer):
+    """A decoder block under op-level selective checkpointing: matmul and attention outputs are kept (every other
+    matmul's recomputed), everything else is recomputed in backward."""
+
+    @staticmethod
+    def checkpoint_options() -> dict:
+        return {"context_fn": _op_selective_context}
+
+
+AC_MODES = ("none", "op", "selective", "full")
 
 
 def apply_activation_checkpointing(model: Gemma2, mode: str) -> Gemma2:
-    """Checkpoint every block ("full"), every other block from the first ("selective": about half the activation
-    memory for about a sixth more compute) or none ("none"), in place; parameter names do not change."""
+    """Activation checkpointing in place; parameter names do not change. Modes, by memory kept:
+    "none"; "op" (op-level selective on every block: matmul and attention outputs kept, the rest recomputed);
+    "selective" (every other block checkpointed whole, from the first: about half the activation memory for about a
+    sixth more compute); "full" (every block checkpointed whole)."""
     n = len(model.layers)
-    blocks = {"none": range(0), "selective": range(0, n, 2), "full": range(n)}
+    blocks = {"none": range(0), "op": range(n), "selective": range(0, n, 2), "full": range(n)}
     if mode not in blocks:
-        raise ValueError(f"unknown activation checkpointing {mode!r}; choose one of {tuple(blocks)}")
+        raise ValueError(f"unknown activation checkpointing {mode!r}; choose one of {AC_MODES}")
+    cls = OpCheckpointedDecoderLayer if mode == "op" else CheckpointedDecoderLayer
     for i in blocks[mode]:
         # Before compile and fully_shard, which both build on the block's class.
         assert type(model.layers[i]) is DecoderLayer, f"block {i} is already a {type(model.layers[i]).__name__}"
-        model.layers[i].__class__ = CheckpointedDecoderLayer
+        model.layers[i].__class__ = cls
     return model
 
 
+def compiles(config: ParallelConfig, device_type: str) -> bool:
+    """parallel.compile, or when unset: on CUDA yes (inductor fuses the norms, RoPE, GeGLU and soft-caps, and the
+    flex attention kernel is generated inside the block), on CPU no (compilation costs more than it saves there)."""
+    return config.compile if config.compile is not None else device_type == "cuda"
+
+
 def parallelize(model: Gemma2, config: ParallelConfig, *, mesh: DeviceMesh) -> Gemma2:
-    """Checkpoint, compile and shard `model` in place over `mesh` (FSDP2, or HSDP on a 2-D mesh) and return it."""
+    """Checkpoint, compile and shard `model` in place over `mesh` (FSDP2, or HSDP on a 2-D mesh) and return it.
+
+    activation_checkpointing "auto" must have been resolved by the caller (trainer.memory does it from the device's
+    memory); here it means "none".
+    """
     n = len(model.layers)
-    apply_activation_checkpointing(model, config.activation_checkpointing)
-    if config.compile:
+    mode = config.activation_checkpointing
+    apply_activation_checkpointing(model, "none" if mode == "auto" else mode)
+    if compiles(config, mesh.device_type):
         for layer in model.layers:
-            layer.compile()
+            # dynamic=False: a new batch shape is a new graph, never a symbolic-shape one (slower flex kernels).
+            # One graph serves every document layout: the masks are inputs, not constants (tests/test_compile.py).
+            layer.compile(dynamic=False)
     param_dtype = DTYPES[config.param_dtype]
     policy = MixedPrecisionPolicy(param_dtype=None if param_dtype == torch.float32 else param_dtype,
                                   reduce_dtype=DTYPES[config.reduce_dtype])
+    # Resharding after forward frees each block's gathered parameters until backward gathers them again; with one
+    # rank per shard group there is nothing to free (the shard is the whole) but a second gather-and-cast to pay.
+    sharded = mesh.size(mesh.ndim - 1) > 1
     for i, layer in enumerate(model.layers):
         # The last block's parameters are needed again at once by backward: keep them gathered.
-        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=i < n - 1)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=sharded and i < n - 1)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 

@@ -38,9 +38,10 @@ from trainer.ewc import load_ewc
 from trainer.fileio import atomic_path, check_output, sha256_file
 from trainer.flops import batch_flops_per_token, device_peak_flops
 from trainer.hf import HFCheckpoint, config_to_hf
-from trainer.model import Gemma2Config
+from trainer.memory import ActivationPlan, plan_activation_checkpointing
+from trainer.model import Gemma2, Gemma2Config
 from trainer.optim import EWCAdamW, lr_at, set_lr
-from trainer.parallelize import build_mesh, build_sharded_model
+from trainer.parallelize import build_mesh, build_sharded_model, compiles
 
 
 class TrainingError(RuntimeError):
@@ -68,15 +69,20 @@ def model_config_of(config: TrainConfig) -> Gemma2Config:
     return model_shape(m)
 
 
-def build_model(config: TrainConfig, *, device: torch.device, mesh):
-    """Meta-device Gemma2 -> FSDP2 -> each rank's shard filled (pretrained weights or seeded init)."""
+def build_model(config: TrainConfig, *, device: torch.device, mesh) -> tuple[Gemma2, ActivationPlan]:
+    """Meta-device Gemma2 -> FSDP2 -> each rank's shard filled (pretrained weights or seeded init), with activation
+    checkpointing "auto" resolved from the device's memory first (trainer/memory.py)."""
     parallel = config.parallel
     if device.type == "cpu" and parallel.param_dtype == "bfloat16":
         # bfloat16 matmuls on CPU are slow and gain nothing; CPU runs compute in float32.
         parallel = dataclasses.replace(parallel, param_dtype="float32")
-    return build_sharded_model(model_config_of(config), parallel, mesh=mesh, device=device,
-                               pretrained=config.model.pretrained, seed=config.seed,
-                               attention_backend=config.model.attention)
+    shape = model_config_of(config)
+    plan = plan_activation_checkpointing(dataclasses.replace(config, parallel=parallel), shape, device=device,
+                                         shard_size=mesh.size(mesh.ndim - 1))
+    parallel = dataclasses.replace(parallel, activation_checkpointing=plan.mode)
+    model = build_sharded_model(shape, parallel, mesh=mesh, device=device, pretrained=config.model.pretrained,
+                                seed=config.seed, attention_backend=config.model.attention)
+    return model, plan
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
@@ -162,8 +168,10 @@ def _max_memory_gb(device: torch.device) -> float:
 class MetricsLog:
     """metrics.jsonl (rank 0), an optional TensorBoard writer, and the one-line progress display."""
 
-    def __init__(self, run_dir: Path, *, resume_step: int, enabled: bool, progress: bool, tensorboard: bool):
+    def __init__(self, run_dir: Path, *, resume_step: int, enabled: bool, progress: bool, tensorboard: bool,
+                 label: str = ""):
         self.path = run_dir / "metrics.jsonl"
+        self.label = label  # constant facts of the run shown in the progress line (the checkpointing mode)
         self.enabled = enabled
         self.progress = progress and enabled
         self.tty = sys.stderr.isatty()
@@ -217,7 +225,8 @@ class MetricsLog:
                     + (f" | ewc/task grad {ratio:.3g}" if ratio is not None else "")
                     + f" | lr {record['lr']:.3g} | {record['tokens_per_s']:,.0f} tok/s"
                     + (f" | mfu {100 * record['mfu']:.1f}%" if record.get("mfu") is not None else "")
-                    + f" | mem {record['max_memory_gb']:.2f} GB")
+                    + f" | mem {record['max_memory_gb']:.2f} GB"
+                    + (f" | {self.label}" if self.label else ""))
             if record.get("skipped"):
                 line += " | SKIPPED (non-finite)"
             print(("\r" + line.ljust(120)) if self.tty else line, file=sys.stderr, end="" if self.tty else "\n",
@@ -257,30 +266,45 @@ class StepResult:
 
 
 def train_step(model, optimizer, micro_batches: list[dict], *, device: torch.device, world_size: int, clip: float,
-               clip_mode: str) -> StepResult:
+               clip_mode: str, defer_replica_all_reduce: bool = False) -> StepResult:
     """One optimizer step over `micro_batches` (this rank's part of the global batch); a collective.
 
     Each micro-batch loss is the summed token loss times world_size / (scored tokens of the global batch): FSDP's
     reduce-scatter averages over ranks, so the gradient is that of the global mean token loss however the tokens
     are spread over ranks and micro-batches. A non-finite loss or gradient norm skips the update.
+
+    `defer_replica_all_reduce` (HSDP): gradients are reduce-scattered within the shard group after every
+    micro-batch (into the float32 sharded gradient, so no memory and no precision is lost) but all-reduced across
+    replicas (the nodes) only after the last. Plain FSDP reduce-scatters after every micro-batch: deferring that
+    would keep a whole unsharded gradient per rank, accumulated in the compute dtype.
+
+    Host syncs: the forward, the backward and the optimizer step run without one; the step waits for the device
+    once, after the backward, to read the loss and the gradient norm together (the non-finite guard needs them
+    before the update). The device idles for the host's launch of the optimizer step then, about half a
+    millisecond.
     """
-    scored = torch.tensor(float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)),
-                          device=device)
+    # Pinned by the loader: the copies run asynchronously, and the scored-token count is taken on the device.
+    on_device = [{k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "labels", "position_ids")}
+                 for batch in micro_batches]
+    scored = torch.stack([(b["labels"] != IGNORE_INDEX).sum() for b in on_device]).sum().to(torch.float32)
     dist.all_reduce(scored)
     scale = world_size / scored.clamp(min=1.0)
     loss_sum = torch.zeros((), device=device)
     tokens, flops = 0, 0.0
-    for batch in micro_batches:
-        ids, labels, pos = (batch[k].to(device, non_blocking=True) for k in ("input_ids", "labels", "position_ids"))
-        loss = model(ids, position_ids=pos, labels=labels)
+    for i, (batch, moved) in enumerate(zip(micro_batches, on_device)):
+        if defer_replica_all_reduce:
+            model.set_requires_all_reduce(i == len(micro_batches) - 1)
+        ids = moved["input_ids"]
+        loss = model(ids, position_ids=moved["position_ids"], labels=moved["labels"])
         (loss * scale).backward()
         loss_sum += loss.detach()
         tokens += ids.numel() * world_size
         flops += batch_flops_per_token(model.config, batch["position_ids"]) * ids.numel() * world_size
     dist.all_reduce(loss_sum)
     task_norm, total_norm = optimizer.clip_grad_norm_(clip or None, mode=clip_mode)
-    loss = (loss_sum / scored.clamp(min=1.0)).item()
-    finite = math.isfinite(loss) and bool(torch.isfinite(task_norm))
+    loss, norm = torch.stack([(loss_sum / scored.clamp(min=1.0)).double(),
+                              task_norm.to(device=loss_sum.device, dtype=torch.float64)]).tolist()  # the one sync
+    finite = math.isfinite(loss) and math.isfinite(norm)
     if finite:
         optimizer.step()
     optimizer.zero_grad()
@@ -316,7 +340,10 @@ def train(config: TrainConfig, run_dir: str | Path, *, stop_after: int | None = 
         print(f"# resolved configuration ({env.world_size} rank(s), {device.type})\n{config_toml}", file=sys.stderr)
 
     mesh = build_mesh(config.parallel, device_type=device.type)
-    model = build_model(config, device=device, mesh=mesh)
+    model, activation_plan = build_model(config, device=device, mesh=mesh)
+    if env.is_main:
+        print(f"# activation checkpointing: {activation_plan.describe()}; compiled blocks: "
+              f"{'yes' if compiles(config.parallel, device.type) else 'no'}", file=sys.stderr)
     model.train()
     o = config.optim
     optimizer = EWCAdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
@@ -350,7 +377,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, stop_after: int | None = 
     if env.is_main:  # only now: a mistake found while building leaves no empty run directory behind
         run_dir.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(run_dir, resume_step=start_step, enabled=env.is_main, progress=config.logging.progress,
-                     tensorboard=config.logging.tensorboard)
+                     tensorboard=config.logging.tensorboard, label=f"ac {activation_plan.mode}")
     peak_flops, _ = device_peak_flops(str(device), DTYPES[config.parallel.param_dtype]
                                       if device.type == "cuda" else torch.float32)
     summary = TrainSummary(run_dir, start_step, start_step)
@@ -374,7 +401,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, stop_after: int | None = 
         set_lr(optimizer, lr)
         micro = [next(batches) for _ in range(config.data.grad_accum)]
         result = train_step(model, optimizer, micro, device=device, world_size=env.world_size, clip=o.clip,
-                            clip_mode=config.ewc.clip)
+                            clip_mode=config.ewc.clip, defer_replica_all_reduce=mesh.ndim == 2)
         interval_tokens += result.tokens
         interval_flops += result.flops
         step_loss, finite = result.loss, result.finite

@@ -1,0 +1,146 @@
+"""Activation checkpointing chosen from memory: the least recomputation whose training step fits the device.
+
+    plan = plan_activation_checkpointing(config, device=device, world_size=4)
+    plan.mode, plan.describe()      # "none", "auto: none (estimated 61.2 of 139.8 GiB; op 48.1, ...)"
+
+Recomputation costs time (a checkpointed block runs its forward twice), so a run should checkpoint only what its
+memory forces it to. The estimate per rank is
+
+    static  = sharded float32 parameters, gradients, the two Adam moments and the EWC file's F and θ*
+              + the gathered compute-dtype parameters (two blocks in flight and the root's embedding; every block
+              when the shard group is one rank, which keeps them gathered) and one block's unsharded gradients
+              + the LM head's float32 weight gradient and its row-chunk buffers
+    per block = what one decoder block adds to memory in its forward and keeps until backward, MEASURED on the
+              device: one block of the real shape runs forward on one micro-batch [batch_size, seq_len] under each
+              mode and the growth of allocated memory is read (eager mode; a compiled block keeps no more, since
+              inductor's partitioner recomputes cheap elementwise work)
+    total   = static + num_layers x per block (for "selective", the mean of "none" and "full")
+
+and the first mode, in order of recomputation (none, op, selective, full), whose total is within
+`usable_fraction` of the device's free memory is chosen. Only on CUDA: on a CPU, "auto" is "none".
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels.linear_cross_entropy import default_chunk_rows
+from trainer.attention import build_masks
+from trainer.dtypes import DTYPES
+from trainer.model import DecoderLayer, Gemma2Config, rope_cos_sin
+from trainer.parallelize import apply_activation_checkpointing
+
+# The order in which modes add recomputation: none (nothing), op (elementwise work and every other matmul),
+# selective (half of the blocks whole), full (every block whole).
+MODES_BY_RECOMPUTATION = ("none", "op", "selective", "full")
+GiB = 2**30
+
+
+@dataclass
+class ActivationPlan:
+    mode: str  # the resolved mode
+    requested: str  # what the config asked for ("auto" or a mode)
+    capacity: float = 0.0  # bytes usable on the device
+    static: float = 0.0  # bytes independent of the mode
+    per_block: dict[str, float] = field(default_factory=dict)  # mode -> measured bytes one block keeps
+    num_layers: int = 0
+
+    def total(self, mode: str) -> float:
+        per_block = self.per_block
+        if mode == "selective":
+            block = (per_block["none"] + per_block["full"]) / 2
+        else:
+            block = per_block[mode]
+        return self.static + self.num_layers * block
+
+    def fits(self, mode: str) -> bool:
+        return self.total(mode) <= self.capacity
+
+    def describe(self) -> str:
+        if self.requested != "auto":
+            return self.mode
+        if not self.per_block:
+            return f"auto: {self.mode} (not measured on this device)"
+        others = ", ".join(f"{m} {self.total(m) / GiB:.1f}" for m in MODES_BY_RECOMPUTATION if m != self.mode)
+        return (f"auto: {self.mode} (estimated {self.total(self.mode) / GiB:.1f} of {self.capacity / GiB:.1f} GiB "
+                f"usable; {others})")
+
+
+def choose_mode(plan: ActivationPlan) -> str:
+    """The first mode by recomputation that fits; "full" when none does (the most a block can save)."""
+    for mode in MODES_BY_RECOMPUTATION:
+        if plan.fits(mode):
+            return mode
+    return "full"
+
+
+def static_bytes(model: Gemma2Config, *, shard_size: int, param_dtype: torch.dtype, ewc_bytes_per_param: int,
+                 lm_head_chunk_bytes: float) -> float:
+    """Bytes per rank that do not depend on the checkpointing mode (see the module docstring)."""
+    n = model.num_parameters()
+    h, v = model.hidden_size, model.vocab_size
+    compute = torch.empty((), dtype=param_dtype).element_size()
+    embedding = v * h
+    block = (n - embedding - h) / model.num_layers
+    sharded = n * (4 + 4 + 8 + ewc_bytes_per_param) / shard_size  # params, grads, Adam moments, F and θ*
+    gathered = (n if shard_size == 1 else embedding + 2 * block) * compute
+    block_grads = block * (compute + 4)  # one block's unsharded gradient and its float32 reduction copy
+    lm_head = embedding * 4 + lm_head_chunk_bytes  # the float32 weight gradient and the chunk buffers
+    return sharded + gathered + block_grads + lm_head
+
+
+def measure_block(model: Gemma2Config, *, device: torch.device, dtype: torch.dtype, attention_backend: str,
+                  batch_size: int, seq_len: int, modes=MODES_BY_RECOMPUTATION) -> dict[str, float]:
+    """Bytes one decoder block keeps from its forward to its backward, per mode, measured on `device` (CUDA)."""
+    class _OneBlock(torch.nn.Module):  # apply_activation_checkpointing works on a model's .layers
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([DecoderLayer(model, 1)])
+
+    position_ids = torch.arange(seq_len, device=device).expand(batch_size, seq_len)
+    masks = build_masks(position_ids, backend=attention_backend, sliding_window=model.sliding_window)
+    rope = rope_cos_sin(position_ids, model.head_dim, model.rope_theta, dtype)
+    out: dict[str, float] = {}
+    for mode in modes:
+        if mode == "selective":
+            continue  # half "none", half "full": derived in ActivationPlan.total
+        holder = _OneBlock().to(device=device, dtype=dtype)
+        apply_activation_checkpointing(holder, mode)
+        x = torch.randn(batch_size, seq_len, model.hidden_size, device=device, dtype=dtype, requires_grad=True)
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        y = holder.layers[0](x, rope, masks)
+        torch.cuda.synchronize(device)
+        out[mode] = float(torch.cuda.memory_allocated(device) - before)
+        del y, x, holder
+        gc.collect()
+        torch.cuda.empty_cache()
+    return out
+
+
+def plan_activation_checkpointing(config, model: Gemma2Config, *, device: torch.device, shard_size: int,
+                                  usable_fraction: float = 0.9) -> ActivationPlan:
+    """Resolve parallel.activation_checkpointing of a TrainConfig training `model` on this device (see the module
+    docstring)."""
+    requested = config.parallel.activation_checkpointing
+    if requested != "auto":
+        return ActivationPlan(requested, requested)
+    if device.type != "cuda":
+        return ActivationPlan("none", requested)
+    dtype = DTYPES[config.parallel.param_dtype]
+    ewc_bytes = 0
+    if config.ewc.file:
+        ewc_bytes = (DTYPES[config.ewc.fisher_dtype].itemsize + DTYPES[config.ewc.anchor_dtype].itemsize)
+    rows = default_chunk_rows(model.vocab_size)
+    chunk = rows * model.vocab_size * (4 + 4 + dtype.itemsize)
+    free, _ = torch.cuda.mem_get_info(device)
+    plan = ActivationPlan("none", requested, capacity=usable_fraction * free, num_layers=model.num_layers,
+                          static=static_bytes(model, shard_size=shard_size, param_dtype=dtype,
+                                              ewc_bytes_per_param=ewc_bytes, lm_head_chunk_bytes=chunk))
+    plan.per_block = measure_block(model, device=device, dtype=dtype, attention_backend=config.model.attention,
+                                   batch_size=config.data.batch_size, seq_len=config.data.seq_len)
+    plan.mode = choose_mode(plan)
+    return plan
