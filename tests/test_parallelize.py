@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from tests.distributed import run_distributed
@@ -86,7 +88,7 @@ def test_fsdp_with_activation_checkpointing_equals_one_process():
     _compare(results, _unsharded(config))
 
 
-@pytest.mark.parametrize("mode", ["full", "selective"])
+@pytest.mark.parametrize("mode", ["full", "selective", "op"])
 def test_activation_checkpointing_keeps_loss_gradients_and_names(mode, seed, monkeypatch):
     config = small_config(num_layers=3)
     model = random_model(config, seed=seed).train()
@@ -104,7 +106,7 @@ def test_activation_checkpointing_keeps_loss_gradients_and_names(mode, seed, mon
     monkeypatch.setattr(parallelize_module, "checkpoint",
                         lambda fn, *args, **kwargs: recomputed.append(fn) or checkpoint(fn, *args, **kwargs))
     apply_activation_checkpointing(model, mode)
-    chosen = [0, 1, 2] if mode == "full" else [0, 2]
+    chosen = [0, 2] if mode == "selective" else [0, 1, 2]
     assert [i for i, layer in enumerate(model.layers) if isinstance(layer, CheckpointedDecoderLayer)] == chosen
     assert [n for n, _ in model.named_parameters()] == names and list(model.state_dict()) == keys
     loss_ckpt, grads_ckpt = loss_and_grads()
@@ -120,6 +122,34 @@ def test_activation_checkpointing_keeps_loss_gradients_and_names(mode, seed, mon
     assert len(recomputed) == len(chosen)
     with pytest.raises(ValueError, match="choose one of"):
         apply_activation_checkpointing(random_model(config), "some")
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_op_level_checkpointing_recomputes_every_other_projection_and_no_attention_product(seed):
+    """Op-level selective checkpointing keeps the outputs of the attention products and of every other projection:
+    backward re-runs exactly the other projections (3 of a block's 7: k, o, up) and the elementwise work."""
+    config = small_config(num_layers=3)
+    ids, labels, pos = _batch(config, seed)
+    counts = {}
+    for mode in ("none", "op"):
+        model = apply_activation_checkpointing(random_model(config, seed=seed).train(), mode)
+        loss = model(ids, position_ids=pos, labels=labels)
+        with _CountOps() as ops:
+            loss.backward()
+        counts[mode] = ops.counts
+    aten = torch.ops.aten
+    assert counts["op"][aten.mm.default] - counts["none"][aten.mm.default] == 3 * config.num_layers
+    assert counts["op"][aten.bmm.default] == counts["none"][aten.bmm.default]
+    assert counts["op"][aten.rsqrt.default] > counts["none"][aten.rsqrt.default]  # the norms are recomputed
 
 
 def test_checkpointed_blocks_compile_whole(seed):
