@@ -54,6 +54,10 @@ def time_fn(fn: Callable[[], object], *, device: torch.device | str = "cpu", war
 
 
 def git_revision() -> str | None:
+    """The checkout's commit (with -dirty for uncommitted changes to tracked files); where the copy has no .git (the
+    GPU machine gets a bare working tree), GEMMA_EWC_GIT names it."""
+    if os.environ.get("GEMMA_EWC_GIT"):
+        return os.environ["GEMMA_EWC_GIT"]
     try:
         out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10)

@@ -35,6 +35,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mean-doc-len", type=int, default=1024, help="mean length of the packed documents")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing on every block")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder block (as training does on CUDA)")
     p.add_argument("--out", default=None, help="write the results JSON here")
 
 
@@ -83,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
     model.train()
     if args.checkpointing:
         apply_activation_checkpointing(model, "full")
+    if args.compile:
+        for layer in model.layers:
+            layer.compile(dynamic=False)
     ids, pos, lengths = packed_batch(args.batch_size, args.seq_len, config.vocab_size, args.mean_doc_len,
                                      device=device)
     labels = torch.roll(ids, -1, dims=1)
@@ -104,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "benchmark": "model", "device": str(device), "preset": args.preset, "dtype": str(dtype),
         "attention": resolve_backend(args.attention, device), "seq_len": args.seq_len, "batch_size": args.batch_size,
-        "mean_doc_len": args.mean_doc_len, "checkpointing": args.checkpointing, "timing": timing,
+        "mean_doc_len": args.mean_doc_len, "checkpointing": args.checkpointing, "compiled": args.compile,
+        "timing": timing,
         "tokens_per_s": tokens_per_s, "flops_per_token": flops, "mfu": tokens_per_s * flops / peak,
         "peak_flops": peak, "peak_flops_source": peak_source,
         "max_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,

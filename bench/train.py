@@ -14,6 +14,9 @@ each with EWC off and on (λ = --lambda, random F ≥ 0, θ* = the initial weigh
 without the document boundaries (its eager attention has no packed masks), so its attention does at least as much
 work; MFU counts each side's own attention FLOPs. Reported: median step time (CPU: over alternating EWC off/on rounds),
 tokens/s, MFU, peak memory (CUDA, per configuration), and the ratios ours / transformers and EWC on / off.
+Ours runs as `gemma-ewc train` would: decoder blocks compiled by default on CUDA (--compile; "both" adds an
+uncompiled "gemma-ewc eager" pair of rows) and activation checkpointing chosen from memory (--activation-checkpointing
+auto, trainer/memory.py; the choice is reported).
 """
 
 from __future__ import annotations
@@ -27,14 +30,15 @@ import torch
 from bench.common import format_table, machine_info, time_fn, write_results
 from bench.model import COMPUTE_DTYPES, packed_batch
 from kernels.linear_cross_entropy import IGNORE_INDEX
-from trainer.config import ParallelConfig
+from trainer.config import ParallelConfig, TrainConfig
 from trainer.distributed import init_distributed, process_group_scope
 from trainer.dtypes import compute_dtype
 from trainer.flops import batch_flops_per_token, device_peak_flops, training_flops_per_token
 from trainer.hf import config_to_hf
+from trainer.memory import ActivationPlan, plan_activation_checkpointing
 from trainer.model import Gemma2Config
 from trainer.optim import EWCAdamW
-from trainer.parallelize import build_mesh, build_sharded_model
+from trainer.parallelize import AC_MODES, build_mesh, build_sharded_model
 from trainer.train import param_groups, train_step
 
 
@@ -50,6 +54,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup steps)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--skip-transformers", action="store_true", help="only our trainer")
+    p.add_argument("--compile", choices=("auto", "on", "off", "both"), default="auto",
+                   help="compile our decoder blocks (auto: on CUDA; both: compiled and eager rows side by side)")
+    p.add_argument("--activation-checkpointing", choices=("auto", *AC_MODES), default="auto",
+                   help="ours (auto: chosen from the device's memory, as the trainer does)")
     p.add_argument("--out", default=None, help="results JSON")
 
 
@@ -60,8 +68,20 @@ def _free(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _our_model(config: Gemma2Config, *, device, dtype, attention: str):
-    parallel = ParallelConfig(param_dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+def _activation_plan(args, config: Gemma2Config, *, device, dtype) -> ActivationPlan:
+    """The trainer's choice for this batch with EWC on (float32 F, bfloat16 θ*, as _our_step makes them)."""
+    train_config = TrainConfig()
+    train_config.data.seq_len, train_config.data.batch_size = args.seq_len, args.batch_size
+    train_config.model.attention = args.attention
+    train_config.parallel.param_dtype = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    train_config.parallel.activation_checkpointing = args.activation_checkpointing
+    train_config.ewc.file, train_config.ewc.fisher_dtype, train_config.ewc.anchor_dtype = "-", "float32", "bfloat16"
+    return plan_activation_checkpointing(train_config, config, device=device, shard_size=1)
+
+
+def _our_model(config: Gemma2Config, *, device, dtype, attention: str, compile: bool, checkpointing: str):
+    parallel = ParallelConfig(param_dtype="bfloat16" if dtype == torch.bfloat16 else "float32", compile=compile,
+                              activation_checkpointing=checkpointing)
     return build_sharded_model(config, parallel, mesh=build_mesh(parallel, device_type=device.type), device=device,
                                seed=0, attention_backend=attention)
 
@@ -136,12 +156,17 @@ def _run(args: argparse.Namespace) -> int:
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
     peak, peak_source = device_peak_flops(str(device), dtype)
     tokens = args.batch_size * args.seq_len
-    impls = ["gemma-ewc"] + ([] if args.skip_transformers else ["transformers"])
+    plan = _activation_plan(args, config, device=device, dtype=dtype)
+    default_compile = device.type == "cuda"
+    compiled = {"auto": [default_compile], "on": [True], "off": [False], "both": [True, False]}[args.compile]
+    ours = {("gemma-ewc" if c or len(compiled) == 1 else "gemma-ewc eager"): c for c in compiled}
+    impls = [*ours] + ([] if args.skip_transformers else ["transformers"])
     rows = []
     for impl in impls:
         _free(device)
-        if impl == "gemma-ewc":
-            model = _our_model(config, device=device, dtype=dtype, attention=args.attention)
+        if impl in ours:
+            model = _our_model(config, device=device, dtype=dtype, attention=args.attention, compile=ours[impl],
+                               checkpointing=plan.mode)
             flops = batch_flops_per_token(config, batch["position_ids"])
         else:
             model = _hf_model(config, device=device)
@@ -153,7 +178,7 @@ def _run(args: argparse.Namespace) -> int:
 
         def prepare(ewc: bool) -> None:
             try:
-                if impl == "gemma-ewc":
+                if impl in ours:
                     steps[ewc] = _our_step(model, batch, device=device, ewc=ewc, lam=args.lam)
                 else:
                     steps[ewc] = _hf_step(model, batch, device=device, dtype=dtype, ewc=ewc, lam=args.lam)
@@ -189,7 +214,7 @@ def _run(args: argparse.Namespace) -> int:
                 rows.append({"impl": impl, "ewc": ewc, "error": errors[ewc]})
                 continue
             median = statistics.median(samples[ewc])
-            rows.append({"impl": impl, "ewc": ewc, "step_ms": 1e3 * median, "tokens_per_s": tokens / median,
+            rows.append({"impl": impl, "ewc": ewc, "compiled": ours.get(impl), "step_ms": 1e3 * median, "tokens_per_s": tokens / median,
                          "mfu": tokens / median * flops / peak, "flops_per_token": flops,
                          "max_memory_gb": peak_gb.get(ewc), "step_s": samples[ewc]})
         steps.clear()
@@ -206,12 +231,16 @@ def _run(args: argparse.Namespace) -> int:
         r["ewc_overhead"] = (off["tokens_per_s"] / r["tokens_per_s"]) if "tokens_per_s" in off else None
     result = {"benchmark": "train", "device": str(device), "preset": args.preset, "dtype": str(dtype),
               "seq_len": args.seq_len, "batch_size": args.batch_size, "mean_doc_len": args.mean_doc_len,
-              "lambda": args.lam, "peak_flops": peak, "peak_flops_source": peak_source, "rows": rows,
+              "lambda": args.lam, "activation_checkpointing": plan.describe(), "peak_flops": peak, "peak_flops_source": peak_source, "rows": rows,
               "machine": machine_info(device)}
     ours_on = by.get(("gemma-ewc", True), {})
     for key in ("tokens_per_s", "mfu", "max_memory_gb", "speedup_vs_transformers", "ewc_overhead"):
         result[f"ours_ewc_{key}"] = ours_on.get(key)
-    print(format_table(rows, ["impl", "ewc", "step_ms", "tokens_per_s", "mfu", "max_memory_gb",
+    eager_on = by.get(("gemma-ewc eager", True), {})
+    if "tokens_per_s" in eager_on and "tokens_per_s" in ours_on:
+        result["ours_ewc_compile_speedup"] = ours_on["tokens_per_s"] / eager_on["tokens_per_s"]
+    print(f"activation checkpointing: {plan.describe()}")
+    print(format_table(rows, ["impl", "ewc", "compiled", "step_ms", "tokens_per_s", "mfu", "max_memory_gb",
                               "speedup_vs_transformers", "ewc_overhead", "error"]))
     if args.out:
         write_results(args.out, result)

@@ -9,14 +9,16 @@ from tests.conftest import REPO_ROOT
 
 def test_gpu_check_dry_run_writes_results(tmp_path):
     proc = subprocess.run(["bash", str(REPO_ROOT / "bench" / "gpu_check.sh"), "--dry-run", "--results-dir",
-                           str(tmp_path)], env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
+                           str(tmp_path)], env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin", "GEMMA_EWC_GIT": "c0ffee1"},
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (json_file,) = tmp_path.glob("*-dryrun.json")
     (md_file,) = tmp_path.glob("*-dryrun.md")
     payload = json.loads(json_file.read_text())
     assert [p["status"] for p in payload["parts"]] == ["ok"] * len(payload["parts"])
-    assert {"gpu-tests", "optimizer", "model-2b", "train-2b"} == {p["part"] for p in payload["parts"]}
+    # the headline (the training step) first, so that a budget running out skips the tests, never the headline
+    assert [p["part"] for p in payload["parts"]] == ["train-2b", "optimizer", "model-2b", "gpu-tests"]
+    assert payload["git"] == "c0ffee1"  # the commit measured, also where the copy has no .git
     model = next(p for p in payload["parts"] if p["part"] == "model-2b")
     assert model["tokens_per_s"] > 0 and 0 < model["mfu"] < 1
     table = md_file.read_text()
