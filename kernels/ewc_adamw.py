@@ -276,7 +276,7 @@ class TensorGroup:
 
     def indices_on_device(self) -> Tensor:
         if self.index_tensor is None:
-            self.index_tensor = torch.tensor(self.indices, dtype=torch.int64).to(self.device)
+            self.index_tensor = upload(torch.tensor(self.indices, dtype=torch.int64), self.device)
         return self.index_tensor
 
     @property
@@ -294,6 +294,25 @@ class TensorGroup:
 
 def _ptrs(ts: list[Tensor]) -> list[int]:
     return [t.data_ptr() for t in ts]
+
+
+def upload(host: Tensor, device: torch.device | str) -> Tensor:
+    """A CPU tensor copied to `device` without making the host wait for the device.
+
+    On CUDA the values are staged in pinned memory from torch's caching host allocator (`pin_memory()`) and copied
+    with `non_blocking=True`: a cudaMemcpyAsync queued on the current stream. A blocking copy (a plain `.to("cuda")`,
+    or `torch.tensor(..., device="cuda")`) is a copy followed by a stream synchronisation (at::cuda::memcpy_and_sync):
+    the host waits for everything queued on the stream. The staging buffer may be dropped at once: the copy records
+    its stream on the pinned block, and the allocator hands the block out again only after an event recorded on
+    that stream at release has completed (aten/src/ATen/core/CachingHostAllocator.h), so a later upload never
+    overwrites values an earlier copy has yet to read. Elsewhere (CPU, Triton's interpreter) a plain `.to(device)`,
+    which returns `host` itself on the CPU. The copy is ordered on the current stream only: the result is for
+    kernels on that stream (EWCAdamW runs on one stream), never to be read on the host before the stream gets there.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def group_tensors(params: Sequence[Tensor], exp_avgs: Sequence[Tensor] | None,
@@ -393,15 +412,19 @@ class StepScalars:
                    float(lr) * float(ewc_lambda), bool(drift))
 
     def scale_tensor(self, device: torch.device, dtype: torch.dtype) -> Tensor | None:
-        """s as a 0-dim tensor on the device (read by the kernel: no host sync), None without clipping."""
+        """s as a 0-dim tensor on the device (read by the kernel: no host sync; a float or a CPU tensor is uploaded
+        through pinned memory, see `upload`), None without clipping."""
         if self.grad_scale is None:
             return None
         if isinstance(self.grad_scale, Tensor):
             if self.grad_scale.numel() != 1:
                 raise ValueError(f"ewc_adamw: grad_scale must hold one value, got shape "
                                  f"{tuple(self.grad_scale.shape)}")
-            return self.grad_scale.to(device=device, dtype=dtype).reshape(())
-        return torch.tensor(float(self.grad_scale), dtype=dtype, device=device)
+            scale = self.grad_scale.reshape(())
+            if scale.device.type == "cpu" and device.type != "cpu":
+                return upload(scale.to(dtype), device)
+            return scale.to(device=device, dtype=dtype)  # the clip scale on the device: a cast at most
+        return upload(torch.tensor(float(self.grad_scale), dtype=dtype), device)
 
     def scale_value(self) -> float:
         """s as a host float (1 without clipping), for the CPU kernel."""

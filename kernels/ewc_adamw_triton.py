@@ -3,8 +3,10 @@
 `step(group, grads, scalars)` and `grad_sq_norms(group, grads, ewc_lambda)` run one TensorGroup: one launch over
 every full block of its tensors and one over the tensors' last partial blocks, from a table of data pointers
 (int64) and a block -> (tensor, offset) map, both cached on the group while the pointers stay (FSDP2 keeps local
-shards at stable addresses); the gradients' pointers go in a separate small table uploaded every step (FSDP2
-makes new gradients). Unmasked full blocks keep 128-bit vector accesses: the tensor sizes are not known to the
+shards at stable addresses); the gradients' pointers go in a separate small table, uploaded again only when they
+changed since the last launch (FSDP2 makes new gradients every step, at new addresses or at the same ones). Every
+table goes up through pinned memory with a non-blocking copy (`kernels.ewc_adamw.upload`): a launch never makes the
+host wait for the device. Unmasked full blocks keep 128-bit vector accesses: the tensor sizes are not known to the
 compiler, so one masked path for everything would fall back to scalar accesses. The penalty, the norm and the
 plain drift sum(d^2) are reduced per program into a small buffer, summed afterwards (deterministic, no atomics, no
 host synchronisation); a program covers one block of one tensor, so the per-tensor drift is a segment sum of the
@@ -29,6 +31,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from kernels.ewc_adamw import upload
 
 try:
     import triton
@@ -203,6 +207,12 @@ class LaunchTables:
     tail_blocks: Tensor  # int64 [2, Bt]
     aligned: bool  # every static pointer 16-byte aligned
     full_ends: Tensor  # int64 [T]: one past each tensor's last full block (full blocks are in tensor order)
+    # the gradients' pointers of the last launch (host list, device table, all 16-byte aligned): reused while the
+    # gradients stay at the same addresses. The device table is never written after its upload, so a launch still
+    # queued with it reads the same values.
+    grad_rows: list[int] | None = None
+    grad_ptrs: Tensor | None = None
+    grad_aligned: bool = False
 
     @property
     def num_blocks(self) -> int:
@@ -222,7 +232,18 @@ def _block_maps(sizes: list[int], block: int) -> tuple[list[list[int]], list[lis
 
 
 def _int64_on(rows, device: torch.device) -> Tensor:
-    return torch.tensor(rows, dtype=torch.int64).to(device)
+    return upload(torch.tensor(rows, dtype=torch.int64), device)
+
+
+def _grad_table(tables: LaunchTables, grads: list[Tensor], device: torch.device) -> tuple[Tensor, bool]:
+    """The gradients' pointer table on the device and whether all are 16-byte aligned; uploaded (without a host
+    sync) only when a gradient moved since the last launch with these tables."""
+    rows = [grad.data_ptr() for grad in grads]
+    if rows != tables.grad_rows:
+        tables.grad_ptrs = _int64_on(rows, device)
+        tables.grad_rows = rows
+        tables.grad_aligned = all(x % 16 == 0 for x in rows)
+    return tables.grad_ptrs, tables.grad_aligned
 
 
 def launch_tables(group: TensorGroup) -> LaunchTables:
@@ -265,9 +286,8 @@ def _ewc_constexprs(group: TensorGroup) -> dict:
 def _launch_both(kernel, tables: LaunchTables, block: int, grads: list[Tensor], partials: Tensor, args: tuple,
                  **constexprs) -> None:
     """One launch over all full blocks (unmasked), one over the tensors' partial last blocks (masked)."""
-    grad_rows = [grad.data_ptr() for grad in grads]
-    grad_ptrs = torch.tensor(grad_rows, dtype=torch.int64).to(partials.device)
-    aligned = tables.aligned and all(x % 16 == 0 for x in grad_rows)
+    grad_ptrs, grads_aligned = _grad_table(tables, grads, partials.device)
+    aligned = tables.aligned and grads_aligned
     nfull = tables.full_blocks.shape[1]
     ntail = tables.tail_blocks.shape[1]
     T = tables.ptrs.shape[1]

@@ -13,9 +13,9 @@ import torch
 
 from kernels import ewc_adamw as K
 from kernels import ewc_adamw_triton
-from tests.test_ewc_adamw import (BIG, EWC_DTYPE_PAIRS, MODES, SIZES, check_backend_matches_reference,
-                                  check_decoupled_pull, check_drift_matches_reference, check_norms_match_reference,
-                                  make_case, run_steps)
+from tests.test_ewc_adamw import (BIG, EWC_DTYPE_PAIRS, HYPER, MODES, SIZES, assert_rel_close,
+                                  check_backend_matches_reference, check_decoupled_pull, check_drift_matches_reference,
+                                  check_norms_match_reference, make_case, run_steps)
 
 INTERPRETED = ewc_adamw_triton.interpreted()
 pytestmark = pytest.mark.skipif(
@@ -77,6 +77,56 @@ def test_triton_misaligned_views(seed, device):
     out = run_steps(K.ewc_adamw_, params, grads, fishers, anchors, ewc_lambda=0.5, backend="triton", block=BLOCK)
     for a, b in zip(out[0] + out[1] + out[2], ref[0] + ref[1] + ref[2]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("clip_mode", K.CLIP_MODES)
+def test_triton_optimizer_gradient_table_follows_the_gradients(seed, device, clip_mode):
+    """EWCAdamW keeps its kernel groups across steps, and with them the gradients' pointer table on the device while
+    the gradients stay at their addresses: a gradient written in place is read anew through the same table, and
+    new gradients get a new table. The replaced gradients are kept alive, so the new ones lie elsewhere and a
+    stale table would read the previous step's values. Against backend "torch" over three steps."""
+    from trainer.optim import EWCAdamW
+
+    sizes = [(3000,), (50, 7), (130,)]  # full and partial blocks at the optimizer's block size (2048)
+    start = [torch.randn(s, device=device) for s in sizes]
+    fisher = [torch.rand_like(p) * 2 for p in start]
+    anchor = [p + 0.3 * torch.randn_like(p) for p in start]
+    grads = [[torch.randn(s, device=device) for s in sizes] for _ in range(3)]
+    runs = {}
+    for backend in ("triton", "torch"):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        runs[backend] = (params, EWCAdamW(params, **HYPER, ewc_lambda=0.7, fisher=fisher, anchor=anchor,
+                                          backend=backend))
+    kept = []
+    tables = []  # the triton optimizer's gradient tables after each step
+
+    def grad_tables(opt):
+        plan = opt._plans[0]
+        return [(t.grad_ptrs, list(t.grad_rows)) for by in (plan.groups, plan.grad_groups)
+                for groups in by.values() for t in (g.triton_tables for g in groups) if t is not None]
+
+    for step in range(3):
+        for backend, (params, opt) in runs.items():
+            if step == 1:  # in place: the same addresses, new values
+                for p, g in zip(params, grads[step]):
+                    p.grad.copy_(g)
+            else:
+                kept.append([p.grad for p in params])
+                for p, g in zip(params, grads[step]):
+                    p.grad = g.clone()
+            opt.clip_grad_norm_(0.5, mode=clip_mode)
+            opt.step()
+        tables.append(grad_tables(runs["triton"][1]))
+        assert_rel_close([p.detach() for p in runs["triton"][0]], [p.detach() for p in runs["torch"][0]], rtol=1e-6,
+                         what=f"p after step {step + 1}")
+    # "task": the norm pass reads g only, through groups of its own; "total" reads p, g, F, anchor through the
+    # step's groups (their table then serves both launches of a step)
+    assert len(tables[0]) == (2 if clip_mode == "task" else 1)
+    assert all(a[0] is b[0] for a, b in zip(tables[0], tables[1]))  # reused: nothing uploaded
+    assert all(a[0] is not b[0] and a[1] != b[1] for a, b in zip(tables[1], tables[2]))  # uploaded anew
+    for ptrs, rows in tables[2]:
+        assert ptrs.tolist() == rows == [g.data_ptr() for g in (p.grad for p in runs["triton"][0])]
 
 
 @pytest.mark.gpu

@@ -18,9 +18,11 @@ anywhere), by `ewc_mode`:
         in this mode (there is no sum of data and EWC gradients to clip).
 The penalty and the EWC-gradient norm are reduced at the pre-step parameters in both modes, and so is the drift
 per bucket when buckets are set (the kernels' per-block partial sums, segment-summed per tensor and then per bucket
-on the device: no second pass, no host sync; all-reduced across shards on first read like the penalty). Nothing EWC-related
-runs in the forward or backward pass. A parameter whose .grad is None is skipped entirely (no EWC
-pull, no decay, no step count), as torch.optim.AdamW skips it.
+on the device: no second pass, no host sync; all-reduced across shards on first read like the penalty). Nothing
+EWC-related runs in the forward or backward pass. On CUDA neither clip_grad_norm_() nor step() makes the host wait
+for the device: the norms, the clip scale and the sums stay on the device, and the kernels' small index and pointer
+tables go up through pinned memory without blocking (kernels.ewc_adamw.upload; tests/test_gpu_sync.py). A parameter
+whose .grad is None is skipped entirely (no EWC pull, no decay, no step count), as torch.optim.AdamW skips it.
 
 EWC state is the mapping parameter -> (fisher, anchor) that trainer.ewc.load_ewc(path, model) returns; positional
 lists `fisher[i]`, `anchor[i]` (the i-th parameter in param-group order) are turned into that mapping on entry.
@@ -43,7 +45,7 @@ import torch
 from torch import Tensor
 
 from kernels.ewc_adamw import (BACKENDS, CLIP_MODES, EWC_DTYPES, EWC_MODES, TensorGroup, grad_sq_norms_groups,
-                               group_tensors, resolve_backend, step_groups)
+                               group_tensors, resolve_backend, step_groups, upload)
 from trainer.distributed import is_dtensor, local_tensor
 from trainer.dtypes import dtype_name
 from trainer.errors import UserError
@@ -399,8 +401,9 @@ class EWCAdamW(torch.optim.Optimizer):
                   if p in self._drift_buckets and p in self._ewc and self._ewc_lambda != 0]
         if picked:
             device = local_params[0].device
-            plan.drift_positions = torch.tensor([j for j, _ in picked], dtype=torch.int64).to(device)
-            plan.drift_buckets = torch.tensor([b for _, b in picked], dtype=torch.int64).to(device)
+            # non-blocking uploads (pinned memory on CUDA): building a plan does not wait for the device either
+            plan.drift_positions = upload(torch.tensor([j for j, _ in picked], dtype=torch.int64), device)
+            plan.drift_buckets = upload(torch.tensor([b for _, b in picked], dtype=torch.int64), device)
         self._plans[group_index] = plan
         return plan
 
