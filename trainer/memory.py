@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.linear_cross_entropy import default_chunk_rows
+from kernels.linear_cross_entropy import MAX_CHUNK_BYTES, chunk_bytes_per_row
 from trainer.attention import build_masks
 from trainer.dtypes import DTYPES
 from trainer.model import DecoderLayer, Gemma2Config, rope_cos_sin
@@ -135,8 +135,11 @@ def plan_activation_checkpointing(config, model: Gemma2Config, *, device: torch.
     ewc_bytes = 0
     if config.ewc.file:
         ewc_bytes = (DTYPES[config.ewc.fisher_dtype].itemsize + DTYPES[config.ewc.anchor_dtype].itemsize)
-    rows = default_chunk_rows(model.vocab_size)
-    chunk = rows * model.vocab_size * (4 + 4 + dtype.itemsize)
+    # The LM head sizes its row chunks from the memory free when it runs (half of it, at most 8 GiB): reserve
+    # enough for chunks of 1024 rows, beyond which larger chunks gain little.
+    rows = min(1024, config.data.batch_size * config.data.seq_len)
+    chunk = min(MAX_CHUNK_BYTES, rows * chunk_bytes_per_row(model.vocab_size, model.hidden_size,
+                                                            compute_dtype=dtype, softcap=bool(model.final_softcap)))
     free, _ = torch.cuda.mem_get_info(device)
     plan = ActivationPlan("none", requested, capacity=usable_fraction * free, num_layers=model.num_layers,
                           static=static_bytes(model, shard_size=shard_size, param_dtype=dtype,
