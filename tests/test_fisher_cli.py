@@ -85,6 +85,27 @@ def test_fisher_command_writes_the_estimate_of_its_data(workspace, tmp_path, cap
     assert flat.mean().item() == pytest.approx(1.0, rel=1e-2)  # bfloat16 storage rounds
 
 
+def test_fisher_command_with_fixed_shapes_writes_the_same_estimate(workspace, tmp_path, capsys, monkeypatch):
+    """On CUDA the command gives the batches fixed shapes (trainer.ewc.batches); forced here on the CPU: the same
+    Fisher, more positions computed, and the closing line says how many were padding."""
+    import re
+
+    from trainer.commands import fisher as fisher_command
+
+    short = ("--prompt-template", str(workspace / "short.txt"), "--seed", "4", "--batch-size", "3")
+    tight, fixed = tmp_path / "tight.safetensors", tmp_path / "fixed.safetensors"
+    assert main(fisher_args(workspace, tight, *short)) == 0
+    monkeypatch.setattr(fisher_command, "fixed_batch_shapes", lambda device: True)
+    assert main(fisher_args(workspace, fixed, *short)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    tight_pad, fixed_pad = (float(re.search(r"\(([\d.]+)% padding, \d+ batch shape", line)[1]) for line in lines)
+    assert fixed_pad > tight_pad > 0  # tight rows are padded to a multiple of 8, fixed ones to one of 128
+    a, b = load_ewc(tight), load_ewc(fixed)
+    assert a.metadata["scored_tokens"] == b.metadata["scored_tokens"] == "5"
+    for n, f in a.fisher.items():
+        assert rel_err(b.fisher[n], f) < 1e-5, n
+
+
 def test_ewc_merge_and_import_legacy_commands(workspace, tmp_path, capsys):
     a, b, c = (tmp_path / f"{x}.safetensors" for x in "abc")
     short = ("--prompt-template", str(workspace / "short.txt"))

@@ -6,6 +6,10 @@ One code path for one process and for many under torchrun, as training: a proces
 bfloat16 or float32 compute, float32 gradient reduction), each rank reading only its rows of the checkpoint,
 computing on its part of every global mini-batch and accumulating only its own Fisher shard; rank 0 writes the
 file, gathering one tensor at a time.
+
+On CUDA the batches have fixed shapes (trainer.ewc.batches: at most 4 [rows, width] planned for the run's prompts,
+one for text rows), as evaluation's scoring does: FlexAttention is compiled per shape. Padding changes no Fisher
+value; it costs FLOPs, which the closing line reports as the share of computed positions that were padding.
 """
 
 from __future__ import annotations
@@ -75,6 +79,12 @@ def load_sharded(path, *, device: torch.device, compute_dtype: str, attention_ba
                                device=device, pretrained=path, attention_backend=attention_backend)
 
 
+def fixed_batch_shapes(device: torch.device) -> bool:
+    """Whether the batches get fixed shapes (trainer.ewc.batches): on CUDA, where FlexAttention is compiled per
+    shape, as evaluation does (commands/eval.py). Elsewhere they are packed tight: padding would only cost."""
+    return device.type == "cuda"
+
+
 def run(args: argparse.Namespace) -> int:
     with process_group_scope():
         return _fisher(args)
@@ -93,6 +103,7 @@ def _fisher(args: argparse.Namespace) -> int:
     rank, world, device = env.rank, env.world_size, env.device
     compute = compute_dtype(args.dtype, device)
     compute_name = dtype_name(compute)
+    fixed_shapes = fixed_batch_shapes(device)
     tokenizer = Path(args.tokenizer) if args.tokenizer else Path(args.model) / "tokenizer.model"
     data = Path(args.data)
     meta: dict[str, object] = {}
@@ -118,7 +129,7 @@ def _fisher(args: argparse.Namespace) -> int:
         top = max(max(p.ids) for p in prompts)
         n_samples = len(prompts)
         batches = prompt_batches(prompts, batch_size=args.batch_size, pad_id=config.pad_token_id, rank=rank,
-                                 world_size=world)
+                                 world_size=world, fixed_shapes=fixed_shapes)
         files = mmlu_files(data)
         meta.update(prompt_template=template, skipped_long_prompts=skipped_long,
                     data=f"mmlu: {data} ({n_samples} of {len(items)} items, shuffled with seed {args.seed}; "
@@ -130,7 +141,7 @@ def _fisher(args: argparse.Namespace) -> int:
         top = int(rows["input_ids"].max())
         n_samples = len(rows["input_ids"])
         batches = row_batches(rows, batch_size=args.batch_size, pad_id=config.pad_token_id, rank=rank,
-                              world_size=world)
+                              world_size=world, fixed_shapes=fixed_shapes)
         meta.update(seq_len=seq_len, data=f"text: {data} ({n_samples} rows of {seq_len} tokens; loss: next token)")
     if top >= config.vocab_size:
         raise UserError(f"{tokenizer} produced token id {top}, but the model's vocabulary has {config.vocab_size} "
@@ -150,7 +161,8 @@ def _fisher(args: argparse.Namespace) -> int:
                         fisher_dtype=DTYPES[args.fisher_dtype], anchor_dtype=DTYPES[args.anchor_dtype])
     if rank == 0:
         print(f"wrote {args.out}: Fisher ({args.estimator}) over {stats.samples} samples in {stats.batches} "
-              f"mini-batches of {args.batch_size}, {stats.scored_tokens} scored tokens; {stats.tokens} tokens in "
-              f"{stats.seconds:.1f} s ({stats.tokens_per_s:,.0f} tokens/s) on {world} process(es); "
+              f"mini-batches of {args.batch_size}, {stats.scored_tokens} scored tokens; {stats.tokens} tokens "
+              f"({stats.padding:.1%} padding, {len(stats.shapes)} batch shape(s)) in {stats.seconds:.1f} s "
+              f"({stats.tokens_per_s:,.0f} tokens/s) on {world} process(es); "
               f"normalize {args.normalize} (divisor {divisor:.4g}); anchor sha256 {written['anchor_sha256'][:16]}")
     return 0

@@ -52,14 +52,21 @@ class FisherStats:
     samples: int = 0  # sequences (prompts or rows) over all ranks
     scored_tokens: int = 0
     tokens: int = 0  # every input position, padding included (what the model computed)
+    data_tokens: int = 0  # the positions holding data (a batch's "num_tokens": prompt tokens, text rows)
     skipped_batches: int = 0  # mini-batches with no scored token anywhere (no mean loss to differentiate)
     seconds: float = 0.0
     world_size: int = 1
     per_batch_tokens: list[int] = field(default_factory=list, repr=False)
+    shapes: set[tuple[int, int]] = field(default_factory=set)  # the distinct [B, S] this rank's model saw
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def padding(self) -> float:
+        """The fraction of the computed positions that held no data (padding rows, row tails, dummies)."""
+        return 1.0 - self.data_tokens / self.tokens if self.tokens else 0.0
 
 
 def _register_fsdp_methods(model) -> None:
@@ -173,10 +180,10 @@ def estimate_fisher_with_stats(model, batches: Iterable[Mapping[str, torch.Tenso
                                      f"{tuple(input_ids.shape)}")
                 scored = labels != IGNORE_INDEX
                 local_counts = [float(scored.sum()), 1.0, float(batch.get("num_samples", input_ids.shape[0])),
-                                float(input_ids.numel())]
+                                float(input_ids.numel()), float(batch.get("num_tokens", input_ids.numel()))]
             else:
-                local_counts = [0.0, 0.0, 0.0, 0.0]
-            n_scored, n_ranks, n_samples, n_tokens = (
+                local_counts = [0.0, 0.0, 0.0, 0.0, 0.0]
+            n_scored, n_ranks, n_samples, n_tokens, n_data = (
                 _sum_over_ranks(local_counts, device) if sharded else local_counts)
             if n_ranks == 0:
                 break
@@ -186,6 +193,7 @@ def estimate_fisher_with_stats(model, batches: Iterable[Mapping[str, torch.Tenso
             if n_scored == 0:
                 stats.skipped_batches += 1
                 continue
+            stats.shapes.add(tuple(input_ids.shape))
             with autocast:
                 hidden = model.hidden_states(input_ids, position_ids)
                 if local_counts[0] == scored.numel():  # every position scored (text): a view, no gather
@@ -218,6 +226,7 @@ def estimate_fisher_with_stats(model, batches: Iterable[Mapping[str, torch.Tenso
             stats.samples += int(n_samples)
             stats.scored_tokens += int(n_scored)
             stats.tokens += int(n_tokens)
+            stats.data_tokens += int(n_data)
             if bar is not None:
                 bar.update(int(n_samples))
                 bar.set_postfix(tok_s=f"{stats.tokens / (time.perf_counter() - start):.4g}", refresh=False)
@@ -252,9 +261,11 @@ def estimate_fisher(model, batches: Iterable[Mapping[str, torch.Tensor]], *, est
 
     batches: iterable of {"input_ids", "labels", optional "position_ids"}, all [B, S], labels already shifted
     (labels[b, t] is the target predicted at position t; -100 = not scored); optional "num_samples" (int) says how
-    many sequences the batch holds when several are packed into one row. One item = one mini-batch k; on many
-    ranks, this rank's part of global mini-batch k. Returns float32 tensors (float64 for a float64 model), or
-    DTensors placed like the parameters for a sharded model. See the module doc for precision and scaling.
+    many sequences the batch holds when several are packed into one row, and optional "num_tokens" (int) how many
+    of its positions hold data (counters only: padding, in documents of its own and never scored, gets a zero
+    gradient and changes nothing). One item = one mini-batch k; on many ranks, this rank's part of global
+    mini-batch k. Returns float32 tensors (float64 for a float64 model), or DTensors placed like the parameters
+    for a sharded model. See the module doc for precision and scaling.
     """
     fisher, _ = estimate_fisher_with_stats(model, batches, estimator=estimator, compute_dtype=compute_dtype,
                                            seed=seed, progress=progress, total_samples=total_samples)
