@@ -80,8 +80,9 @@ def load_sharded(path, *, device: torch.device, compute_dtype: str, attention_ba
 
 
 def fixed_batch_shapes(device: torch.device) -> bool:
-    """Whether the batches get fixed shapes (trainer.ewc.batches): on CUDA, where FlexAttention is compiled per
-    shape, as evaluation does (commands/eval.py). Elsewhere they are packed tight: padding would only cost."""
+    """Whether the batches get fixed shapes (trainer.ewc.batches): on CUDA, where the decoder blocks (and
+    FlexAttention) are compiled per shape, as evaluation does (commands/eval.py); also with flash-attn, since the
+    compiled blocks would recompile. Elsewhere they are packed tight: padding would only cost."""
     return device.type == "cuda"
 
 
