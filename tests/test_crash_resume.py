@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +37,26 @@ def _losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _run_with_kills(store, run_dir: Path, env: dict, rng: random.Random, wall: float) -> int:
+    """Start the run, kill -9 it at a random moment, resume, up to 8 times, then let it finish; returns the kills."""
+    kills = 0
+    for _ in range(8):
+        process = subprocess.Popen(_command(store, run_dir), env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE)
+        # Start-up (imports, building the model) takes most of a short run: aim at its second half mostly.
+        try:
+            _, err = process.communicate(timeout=rng.uniform(0.4, 1.0) * wall)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGKILL)
+            process.communicate()
+            kills += 1
+            continue
+        assert process.returncode == 0, err.decode()[-2000:]
+        return kills
+    _finish(_command(store, run_dir), env)
+    return kills
+
+
 @pytest.mark.slow
 def test_killed_at_random_moments_the_run_ends_as_an_uninterrupted_one(tmp_path, store, seed):
     # A fresh single-process group in each run: none of the rendezvous this test process may have set up.
@@ -51,20 +72,13 @@ def test_killed_at_random_moments_the_run_ends_as_an_uninterrupted_one(tmp_path,
     rng = random.Random(seed)
     run_dir = tmp_path / "killed"
     kills = 0
-    for _ in range(8):
-        process = subprocess.Popen(_command(store, run_dir), env=env, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE)
-        # Start-up (imports, building the model) takes most of a short run: aim at its second half mostly.
-        try:
-            _, err = process.communicate(timeout=rng.uniform(0.4, 1.0) * wall)
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGKILL)
-            process.communicate()
-            kills += 1
-            continue
-        assert process.returncode == 0, err.decode()[-2000:]
-        break
-    else:
-        _finish(_command(store, run_dir), env)
+    for _ in range(5):
+        kills = _run_with_kills(store, run_dir, env, rng, wall)
+        if kills:
+            break
+        # The straight run's time was an overestimate (a cold start, a busy machine): the killed runs finished
+        # before any kill. Start over, aiming earlier.
+        shutil.rmtree(run_dir)
+        wall *= 0.6
     assert kills >= 1
     assert _losses(run_dir) == expected  # every step once, each loss bit-identical

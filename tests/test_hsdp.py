@@ -142,17 +142,29 @@ def _train_mode(rank: int, world_size: int, ewc_path: str, seed: int, mode: str,
 
     batches = _global_batches(seed, config.vocab_size)
     quarter = ROWS // world_size  # one process: the whole global batch
+    # Decoupled mode on HSDP: two micro-batches per step, reduce-scattered after each but all-reduced across the
+    # replicas only after the last (train_step's defer_replica_all_reduce); counted below.
+    accumulate = world_size > 1 and mode == "decoupled"
+    replica_all_reduces = []
+    original_all_reduce = dist.all_reduce
+
+    def counting_all_reduce(tensor, *args, group=None, **kwargs):
+        if group is not None and dist.get_world_size(group) == REPLICATE and world_size > 1:
+            replica_all_reduces[-1] += 1
+        return original_all_reduce(tensor, *args, group=group, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
     steps = []
-    for batch in batches:
-        part = {k: v[rank * quarter:(rank + 1) * quarter] for k, v in batch.items()}
-        result = train_step(model, optimizer, [part], device=device, world_size=world_size, clip=CLIP,
-                            clip_mode=clip_mode)
-        assert result.finite and optimizer.ewc_mode == mode
-        # every rank reads (collectives)
-        steps.append({"loss": result.loss, "task_norm": result.task_norm.item(),
-                      "total_norm": None if result.total_norm is None else result.total_norm.item(),
-                      "penalty": optimizer.last_penalty.item(),
-                      "ewc_norm": optimizer.last_ewc_grad_norm.item(), "drift": optimizer.last_drift.clone()})
+    try:
+        for batch in batches:
+            part = {k: v[rank * quarter:(rank + 1) * quarter] for k, v in batch.items()}
+            micro = ([{k: v[i:i + 1] for k, v in part.items()} for i in range(quarter)] if accumulate else [part])
+            replica_all_reduces.append(0)
+            result = train_step(model, optimizer, micro, device=device, world_size=world_size, clip=CLIP,
+                                clip_mode=clip_mode, defer_replica_all_reduce=world_size > 1)
+            steps.append(_measured(result, optimizer))
+    finally:
+        dist.all_reduce = original_all_reduce
 
     params = {}
     local = {}
@@ -166,13 +178,24 @@ def _train_mode(rank: int, world_size: int, ewc_path: str, seed: int, mode: str,
     if world_size > 1:
         state_placements = {tuple(s["exp_avg"].placements) for s in optimizer.state.values()}
     dist.barrier()
+    assert all(optimizer.ewc_mode == mode for _ in steps)
     return {
-        "steps": steps, "params": params, "local": local,
+        "steps": steps, "params": params, "local": local, "replica_all_reduces": replica_all_reduces,
+        "micro_batches": len(micro), "fsdp_groups": 1 + config.num_layers,
         "placements": placements, "state_placements": state_placements, "mesh": mesh_info,
         "divisor": info["fisher_normalize_divisor"], "anchor_diff": info["anchor_max_diff"],
         "anchor_warned": anchor_warned, "drift_names": optimizer.drift_bucket_names,
         "backend": optimizer.backend,
     }
+
+
+def _measured(result, optimizer) -> dict:
+    assert result.finite
+    # every rank reads (collectives)
+    return {"loss": result.loss, "task_norm": result.task_norm.item(),
+            "total_norm": None if result.total_norm is None else result.total_norm.item(),
+            "penalty": optimizer.last_penalty.item(), "ewc_norm": optimizer.last_ewc_grad_norm.item(),
+            "drift": optimizer.last_drift.clone()}
 
 
 def _ratio_check(name: str, sharded: float, single: float, rtol: float, *, norm: bool) -> None:
@@ -199,6 +222,11 @@ def test_hsdp_two_by_two_equals_one_process(tmp_path, seed):
     ranks = run_distributed(_train, world_size=WORLD, args=(str(ewc_path), seed))
     for mode, clip_mode in MODES:
         _compare(f"{mode}, clip {clip_mode}", single[mode], [r[mode] for r in ranks])
+    # The gradient crossed the replicas once per step and FSDP group, however many micro-batches there were.
+    for r in ranks:
+        assert r["decoupled"]["micro_batches"] == 2 and r["coupled"]["micro_batches"] == 1
+        for mode, _ in MODES:
+            assert r[mode]["replica_all_reduces"] == [r[mode]["fsdp_groups"]] * STEPS, (mode, r[mode])
 
 
 def _compare(label: str, single: dict, ranks: list[dict]) -> None:
