@@ -81,6 +81,7 @@ def test_compiled_blocks_equal_eager_and_compile_once_for_all_layouts(checkpoint
     # others although their documents lie elsewhere.
     assert graphs_after_first == 2
     assert counters["stats"]["unique_graphs"] == 2, "a new document layout recompiled the blocks"
+    assert not counters["graph_break"], dict(counters["graph_break"])
     for (loss_e, grads_e), (loss_c, grads_c) in zip(eager, compiled):
         assert torch.allclose(loss_c, loss_e, rtol=LOSS_RTOL)
         for ge, gc in zip(grads_e, grads_c):

@@ -175,3 +175,35 @@ def test_forward_and_backward_do_not_sync(single_process_group, seed, compile):
     assert all(bool(torch.isfinite(g.to_local()).all()) for g in grads)
     optimizer.clip_grad_norm_(1.0)
     optimizer.step()
+
+
+def test_a_training_step_waits_for_the_device_once(single_process_group, seed):
+    """trainer.train.train_step as the training loop runs it (two micro-batches, pinned CPU batches as the loader
+    gives them, compiled blocks, EWC, clipping): one synchronisation in all, the read of the loss and the gradient
+    norm that the non-finite guard needs before the update."""
+    import warnings
+
+    from trainer.train import train_step
+
+    model, optimizer, (ids, pos, labels) = _setup(single_process_group, seed, compile=True)
+    half = ROWS // 2
+    micro = [{"input_ids": ids[rows].cpu().pin_memory(), "position_ids": pos[rows].cpu().pin_memory(),
+              "labels": labels[rows].cpu().pin_memory()} for rows in (slice(0, half), slice(half, ROWS))]
+
+    def step():
+        return train_step(model, optimizer, micro, device=single_process_group.device, world_size=1, clip=1.0,
+                          clip_mode="task")
+
+    step()  # the step's own first-time work (the two-micro-batch plan) outside the count
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = step()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs
+    assert result.finite and math.isfinite(result.loss)
