@@ -63,7 +63,7 @@ class ActivationPlan:
         if self.requested != "auto":
             return self.mode
         if not self.per_block:
-            return f"auto: {self.mode} (not measured on this device)"
+            return f"auto: {self.mode} (memory is measured on CUDA only)"
         others = ", ".join(f"{m} {self.total(m) / GiB:.1f}" for m in MODES_BY_RECOMPUTATION if m != self.mode)
         return (f"auto: {self.mode} (estimated {self.total(self.mode) / GiB:.1f} of {self.capacity / GiB:.1f} GiB "
                 f"usable; {others})")
