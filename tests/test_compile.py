@@ -100,3 +100,28 @@ def _compile_with(backend):
 def test_blocks_compile_by_default_on_cuda_only():
     assert compiles(ParallelConfig(), "cuda") and not compiles(ParallelConfig(), "cpu")
     assert compiles(ParallelConfig(compile=True), "cpu") and not compiles(ParallelConfig(compile=False), "cuda")
+
+
+def test_compiled_blocks_with_flex_attention_compile_once_for_all_layouts(seed):
+    """The CUDA backend's path as far as a CPU can follow it (FlexAttention has no CPU backward): compiled blocks
+    generate the flex kernel inside their graph, whose block masks (built per batch from new closures) are inputs:
+    forward equals the eager reference on every layout, with one compilation per kind of block."""
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("inductor on CPU needs a C++ compiler")
+    from trainer.model import Gemma2
+
+    config = small_config(num_layers=2)
+    reference = Gemma2(config, attention_backend="eager")
+    reference.init_weights(generator=torch.Generator().manual_seed(seed))
+    compiled = Gemma2(config, attention_backend="flex")
+    compiled.load_state_dict(reference.state_dict())
+    for layer in compiled.layers:
+        layer.compile(dynamic=False)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        for ids, _, pos in _layouts(config, seed, batches=3, seq_len=64):
+            want = reference(ids, position_ids=pos)
+            got = compiled(ids, position_ids=pos)
+            assert (got - want).norm() <= 1e-5 * want.norm()
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]

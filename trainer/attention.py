@@ -142,13 +142,16 @@ def _flex_masks(position_ids: torch.Tensor, sliding_window: int) -> AttentionMas
     return AttentionMasks("flex", full=full, sliding=sliding, sliding_window=sliding_window)
 
 
-@functools.lru_cache(maxsize=None)
-def _softcap_score_mod(softcap: float):
-    # One function object per cap value, so a compiled flex_attention is not re-traced for every call.
+def _make_softcap_score_mod(softcap: float):
     def score_mod(score, b, h, q_idx, kv_idx):
         return softcap * torch.tanh(score / softcap)
 
     return score_mod
+
+
+# One function object per cap value, so that the compiled flex_attention of an eager block is not re-traced for every
+# call (inside a compiled block a fresh one is traced inline: no cache, which dynamo would only warn about).
+_softcap_score_mod = functools.lru_cache(maxsize=None)(_make_softcap_score_mod)
 
 
 @functools.lru_cache(maxsize=None)
@@ -157,15 +160,22 @@ def _compiled_flex_attention():
 
 
 def _flex_attention(q, k, v, block_mask, *, scale: float, softcap: float | None) -> torch.Tensor:
-    if q.device.type == "cuda":
-        flex = _compiled_flex_attention()
-    else:
-        if torch.is_grad_enabled() and q.requires_grad:
-            raise RuntimeError("the 'flex' attention backend has no backward pass on CPU; train on CPU with "
-                               "attention backend 'eager'")
+    score_mod = None
+    if torch.compiler.is_compiling():  # a compiled decoder block: inductor generates the kernel within its graph
         flex = flex_attention
-    out = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-               score_mod=_softcap_score_mod(float(softcap)) if softcap else None,
+        if softcap:
+            score_mod = _make_softcap_score_mod(float(softcap))
+    else:
+        if q.device.type == "cuda":
+            flex = _compiled_flex_attention()
+        else:
+            if torch.is_grad_enabled() and q.requires_grad:
+                raise RuntimeError("the 'flex' attention backend has no backward pass on CPU; train on CPU with "
+                                   "attention backend 'eager'")
+            flex = flex_attention
+        if softcap:
+            score_mod = _softcap_score_mod(float(softcap))
+    out = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod,
                block_mask=block_mask, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)
 
