@@ -3,12 +3,17 @@ estimate against a hand count, and (on a GPU) the per-block measurement."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
-from trainer.config import load_config
-from trainer.memory import GiB, ActivationPlan, choose_mode, measure_block, plan_activation_checkpointing, static_bytes
-from trainer.model import Gemma2Config
+from trainer.config import ParallelConfig, load_config
+from trainer.errors import UserError
+from trainer.memory import (GiB, ActivationPlan, choose_mode, measure_block, op_saved_bytes,
+                            plan_activation_checkpointing, static_bytes)
+from trainer.model import Gemma2, Gemma2Config
+from trainer.parallelize import op_needs_compile, parallelize
 
 PER_BLOCK = {"none": 3 * GiB, "op": 1.5 * GiB, "full": 0.25 * GiB}  # selective: (3 + 0.25) / 2 = 1.625
 
@@ -24,6 +29,33 @@ def test_the_least_recomputation_that_fits_is_chosen(capacity, expected):
     # totals: none 70, op 55, selective 56.25, full 42.5 GiB
     plan = _plan(capacity)
     assert choose_mode(plan) == expected
+
+
+def test_op_is_left_out_where_it_would_run_uncompiled_flex_attention():
+    plan = _plan(56)  # op 55 fits, selective 56.25 does not
+    assert choose_mode(plan) == "op" and choose_mode(plan, op_allowed=False) == "full"
+    assert choose_mode(_plan(57), op_allowed=False) == "selective"
+    eager_blocks = ParallelConfig(compile=False)
+    assert op_needs_compile(eager_blocks, "cuda", "flex")
+    assert op_needs_compile(eager_blocks, "cuda", "auto") == (importlib.util.find_spec("flash_attn") is None)
+    assert not op_needs_compile(ParallelConfig(), "cuda", "flex")  # compiled by default on CUDA
+    assert not op_needs_compile(eager_blocks, "cuda", "flash") and not op_needs_compile(eager_blocks, "cpu", "eager")
+
+
+def test_explicit_op_with_uncompiled_flex_on_cuda_is_a_clear_error():
+    class CudaMesh:  # parallelize refuses before it touches the mesh
+        device_type = "cuda"
+
+    with torch.device("meta"):
+        model = Gemma2(Gemma2Config.preset("tiny"), attention_backend="flex")
+    with pytest.raises(UserError, match="parallel.compile = true"):
+        parallelize(model, ParallelConfig(activation_checkpointing="op", compile=False), mesh=CudaMesh())
+
+
+def test_op_keeps_every_other_projection_and_attention_by_hand():
+    config = Gemma2Config.preset("gemma2-2b")  # 8 heads x 256, 4 KV heads, hidden 2304, intermediate 9216
+    per_token = 2 * (2048 + 1024 + 9216 + 2304 + 2048) + 4 * 8
+    assert op_saved_bytes(config, tokens=4096, dtype=torch.bfloat16) == 4096 * per_token
 
 
 def test_selective_is_chosen_when_it_fits_and_op_does_not():

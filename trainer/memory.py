@@ -31,7 +31,7 @@ from kernels.linear_cross_entropy import MAX_CHUNK_BYTES, chunk_bytes_per_row
 from trainer.attention import build_masks
 from trainer.dtypes import DTYPES
 from trainer.model import DecoderLayer, Gemma2Config, rope_cos_sin
-from trainer.parallelize import apply_activation_checkpointing
+from trainer.parallelize import apply_activation_checkpointing, op_needs_compile
 
 # The order in which modes add recomputation: none (nothing), op (elementwise work and every other matmul),
 # selective (half of the blocks whole), full (every block whole).
@@ -69,10 +69,11 @@ class ActivationPlan:
                 f"usable; {others})")
 
 
-def choose_mode(plan: ActivationPlan) -> str:
-    """The first mode by recomputation that fits; "full" when none does (the most a block can save)."""
+def choose_mode(plan: ActivationPlan, *, op_allowed: bool = True) -> str:
+    """The first mode by recomputation that fits; "full" when none does (the most a block can save). `op_allowed`
+    False leaves "op" out (uncompiled FlexAttention blocks: see `op_needs_compile`)."""
     for mode in MODES_BY_RECOMPUTATION:
-        if plan.fits(mode):
+        if (op_allowed or mode != "op") and plan.fits(mode):
             return mode
     return "full"
 
@@ -92,9 +93,19 @@ def static_bytes(model: Gemma2Config, *, shard_size: int, param_dtype: torch.dty
     return sharded + gathered + block_grads + lm_head
 
 
+def op_saved_bytes(model: Gemma2Config, *, tokens: int, dtype: torch.dtype) -> float:
+    """What op-level checkpointing keeps of a block beyond full checkpointing's input: the outputs of every other
+    projection (q, v, gate, down) and of attention (its output and float32 log-sum-exp per head)."""
+    per_token = (model.num_heads * model.head_dim + model.num_kv_heads * model.head_dim + model.intermediate_size
+                 + model.hidden_size + model.num_heads * model.head_dim) * dtype.itemsize + 4 * model.num_heads
+    return float(tokens * per_token)
+
+
 def measure_block(model: Gemma2Config, *, device: torch.device, dtype: torch.dtype, attention_backend: str,
-                  batch_size: int, seq_len: int, modes=MODES_BY_RECOMPUTATION) -> dict[str, float]:
-    """Bytes one decoder block keeps from its forward to its backward, per mode, measured on `device` (CUDA)."""
+                  batch_size: int, seq_len: int, modes=("none", "full")) -> dict[str, float]:
+    """Bytes one decoder block keeps from its forward to its backward, per mode, measured on `device` (CUDA);
+    "op" is full's measurement plus `op_saved_bytes` (measuring it would need a compiled block: under eager
+    selective checkpointing FlexAttention runs unfused, pytorch/pytorch#147879)."""
     class _OneBlock(torch.nn.Module):  # apply_activation_checkpointing works on a model's .layers
         def __init__(self):
             super().__init__()
@@ -105,8 +116,6 @@ def measure_block(model: Gemma2Config, *, device: torch.device, dtype: torch.dty
     rope = rope_cos_sin(position_ids, model.head_dim, model.rope_theta, dtype)
     out: dict[str, float] = {}
     for mode in modes:
-        if mode == "selective":
-            continue  # half "none", half "full": derived in ActivationPlan.total
         with torch.device(device):  # initialised where it runs (a 27B block is 0.6B parameters)
             holder = _OneBlock().to(dtype)
         apply_activation_checkpointing(holder, mode)
@@ -119,6 +128,8 @@ def measure_block(model: Gemma2Config, *, device: torch.device, dtype: torch.dty
         del y, x, holder
         gc.collect()
         torch.cuda.empty_cache()
+    if "full" in out:
+        out["op"] = out["full"] + op_saved_bytes(model, tokens=batch_size * seq_len, dtype=dtype)
     return out
 
 
@@ -146,5 +157,6 @@ def plan_activation_checkpointing(config, model: Gemma2Config, *, device: torch.
                                               ewc_bytes_per_param=ewc_bytes, lm_head_chunk_bytes=chunk))
     plan.per_block = measure_block(model, device=device, dtype=dtype, attention_backend=config.model.attention,
                                    batch_size=config.data.batch_size, seq_len=config.data.seq_len)
-    plan.mode = choose_mode(plan)
+    plan.mode = choose_mode(plan, op_allowed=not op_needs_compile(config.parallel, device.type,
+                                                                    config.model.attention))
     return plan

@@ -26,6 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from trainer.attention import resolve_backend
 from trainer.config import ParallelConfig
 from trainer.distributed import local_index, local_tensor
 from trainer.dtypes import DTYPES
@@ -133,6 +134,14 @@ def compiles(config: ParallelConfig, device_type: str) -> bool:
     return config.compile if config.compile is not None else device_type == "cuda"
 
 
+def op_needs_compile(config: ParallelConfig, device_type: str, attention_backend: str) -> bool:
+    """Whether op-level checkpointing is unavailable because the blocks would run uncompiled FlexAttention: under
+    eager selective checkpointing flex_attention is dispatched unfused (the math reference, memory O(S^2);
+    pytorch/pytorch#147879, torchtitan#1631). Inside a compiled block the compiler handles both."""
+    return (resolve_backend(attention_backend, device_type) == "flex" and device_type == "cuda"
+            and not compiles(config, device_type))
+
+
 def parallelize(model: Gemma2, config: ParallelConfig, *, mesh: DeviceMesh) -> Gemma2:
     """Checkpoint, compile and shard `model` in place over `mesh` (FSDP2, or HSDP on a 2-D mesh) and return it.
 
@@ -141,6 +150,10 @@ def parallelize(model: Gemma2, config: ParallelConfig, *, mesh: DeviceMesh) -> G
     """
     n = len(model.layers)
     mode = config.activation_checkpointing
+    if mode == "op" and op_needs_compile(config, mesh.device_type, model.attention_backend):
+        raise UserError("parallel.activation_checkpointing = op needs compiled blocks with FlexAttention on CUDA "
+                        "(uncompiled, flex_attention would run unfused): set parallel.compile = true, or choose "
+                        "selective or full")
     apply_activation_checkpointing(model, "none" if mode == "auto" else mode)
     if compiles(config, mesh.device_type):
         for layer in model.layers:
