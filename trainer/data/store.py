@@ -196,9 +196,13 @@ class TokenStore:
         self.shards: list[np.ndarray] = []
         offsets: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
         shard_starts = [0]
-        for entry in shard_entries:
-            tokens, docs = int(entry["tokens"]), int(entry["documents"])
-            tok_path, off_path = self.path / entry["tokens_file"], self.path / entry["offsets_file"]
+        try:
+            specs = [(int(e["tokens"]), int(e["documents"]), self.path / e["tokens_file"], self.path / e["offsets_file"])
+                     for e in shard_entries]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _bad(manifest_path, f"a shard entry lacks or mangles {exc}; the store is damaged, re-create it"
+                       ) from None
+        for entry, (tokens, docs, tok_path, off_path) in zip(shard_entries, specs):
             for p, want in ((tok_path, tokens * TOKEN_DTYPE.itemsize), (off_path, (docs + 1) * OFFSET_DTYPE.itemsize)):
                 if not p.is_file():
                     raise _bad(p, "shard file missing; the store is incomplete, re-create or re-copy it")
