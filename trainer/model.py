@@ -13,7 +13,6 @@ model.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass
 
@@ -213,7 +212,9 @@ class Gemma2(nn.Module):
             raise ValueError(f"position_ids shape {tuple(position_ids.shape)} differs from input_ids shape "
                              f"{tuple(input_ids.shape)}; give one position per token")
         x = self.embed_tokens(input_ids)
-        x = x * _embedding_scale(self.config.hidden_size, x.dtype)
+        # sqrt(hidden) rounded to the compute dtype, as transformers does; a 0-dim CPU tensor enters a CUDA kernel
+        # as a scalar argument (no host-to-device copy, no sync), and compiled code folds it into a constant.
+        x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype)
         rope = rope_cos_sin(self._rope_positions(position_ids, kv_cache), self.config.head_dim,
                             self.config.rope_theta, x.dtype)
         for layer in self.layers:
@@ -264,15 +265,6 @@ class Gemma2(nn.Module):
         forward so that, under FSDP, the tied embedding is still unsharded when the head uses it.
         """
         return self.lm_head(self.hidden_states(input_ids, position_ids, kv_cache=kv_cache), labels=labels)
-
-
-@functools.lru_cache(maxsize=None)
-def _embedding_scale(hidden_size: int, dtype: torch.dtype) -> float:
-    """sqrt(hidden) rounded to the compute dtype, as a Python number: transformers multiplies by a tensor of that
-    dtype, and a tensor built per forward on the GPU is a host-to-device copy that synchronises the host. The
-    product of a tensor and a Python number is computed like that of two tensors of the tensor's dtype (in float32
-    for bfloat16), so the result is the same bit for bit."""
-    return torch.tensor(math.sqrt(hidden_size), dtype=dtype).item()
 
 
 class KVCache:
