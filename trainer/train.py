@@ -147,15 +147,6 @@ def drift_buckets(model) -> tuple[dict, list[str]]:
     return buckets, names
 
 
-def drift_record(optimizer) -> dict | None:
-    """The metrics record's `drift` (reads the optimizer's last drift: a host sync, at logging steps only)."""
-    drift = optimizer.last_drift
-    if drift is None:
-        return None
-    rows = drift.cpu().tolist()
-    return {"blocks": optimizer.drift_bucket_names, "fisher": [r[0] for r in rows], "plain": [r[1] for r in rows]}
-
-
 # ------------------------------------------------------------------------------------------------------ metrics
 
 
@@ -263,6 +254,8 @@ class StepResult:
     finite: bool  # False: the step was skipped
     tokens: int  # tokens of the global batch
     flops: float  # model FLOPs of the global batch (forward + backward)
+    grad_norm: float = math.nan  # task_norm and total_norm as read by the step's one sync (no second read)
+    total_grad_norm: float | None = None
 
 
 def train_step(model, optimizer, micro_batches: list[dict], *, device: torch.device, world_size: int, clip: float,
@@ -302,13 +295,59 @@ def train_step(model, optimizer, micro_batches: list[dict], *, device: torch.dev
         flops += batch_flops_per_token(model.config, batch["position_ids"]) * ids.numel() * world_size
     dist.all_reduce(loss_sum)
     task_norm, total_norm = optimizer.clip_grad_norm_(clip or None, mode=clip_mode)
-    loss, norm = torch.stack([(loss_sum / scored.clamp(min=1.0)).double(),
-                              task_norm.to(device=loss_sum.device, dtype=torch.float64)]).tolist()  # the one sync
+    read = [(loss_sum / scored.clamp(min=1.0)).double(), task_norm.to(device=loss_sum.device, dtype=torch.float64)]
+    if total_norm is not None:
+        read.append(total_norm.to(device=loss_sum.device, dtype=torch.float64))
+    loss, norm, *total = torch.stack(read).tolist()  # the one sync
     finite = math.isfinite(loss) and math.isfinite(norm)
     if finite:
         optimizer.step()
     optimizer.zero_grad()
-    return StepResult(loss, task_norm, total_norm, finite, tokens, flops)
+    return StepResult(loss, task_norm, total_norm, finite, tokens, flops, norm, total[0] if total else None)
+
+
+class PendingRecord:
+    """A metrics record whose device values (EWC penalty, EWC-gradient norm, drift per block) are on their way to
+    the host: copied into pinned memory without waiting, then written after the NEXT step's own sync (or before a
+    checkpoint, or at the end), by when the copies are long done. Reading them at once would make the host wait for
+    the optimizer step and leave the GPU idle while the host then prepares the next forward."""
+
+    def __init__(self, fields: dict, optimizer, *, finite: bool, with_ewc: bool, device: torch.device):
+        self.fields, self.with_ewc, self.finite = fields, with_ewc, finite
+        self.names = optimizer.drift_bucket_names
+        values = {}
+        if finite:
+            values = {"penalty": optimizer.last_penalty, "ewc_norm": optimizer.last_ewc_grad_norm,
+                      "drift": optimizer.last_drift}
+        self.event = None
+        self.values = {}
+        for key, value in values.items():
+            if value is None:
+                continue
+            if device.type == "cuda" and value.device.type == "cuda":
+                host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+                self.values[key] = host.copy_(value, non_blocking=True)
+            else:
+                self.values[key] = value
+        if device.type == "cuda":
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def record(self) -> dict:
+        if self.event is not None:
+            self.event.synchronize()
+        f, v = self.fields, self.values
+        penalty = float(v["penalty"]) if self.finite else float("nan")
+        ewc_norm = float(v["ewc_norm"]) if self.finite else float("nan")
+        grad_norm = f["grad_norm"]
+        record = {"step": f["step"], "loss": f["loss"], "ewc_penalty": penalty, "ewc_grad_norm": ewc_norm,
+                  "grad_norm": grad_norm, "total_grad_norm": f["total_grad_norm"],
+                  "ewc_task_ratio": ewc_norm / grad_norm if grad_norm > 0 and self.with_ewc else None,
+                  **{k: f[k] for k in ("lr", "tokens_per_s", "mfu", "max_memory_gb", "skipped", "skipped_total")}}
+        if "drift" in v:
+            rows = v["drift"].tolist()
+            record["drift"] = {"blocks": self.names, "fisher": [r[0] for r in rows], "plain": [r[1] for r in rows]}
+        return record
 
 
 RUN_DIR_ENTRIES = ("checkpoints", "metrics.jsonl", "tensorboard")
@@ -384,6 +423,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, stop_after: int | None = 
     end_step = o.max_steps if stop_after is None else min(o.max_steps, start_step + stop_after)
     batches = iter(loader)
     bad_in_a_row = 0
+    pending: PendingRecord | None = None
     interval_tokens, interval_flops, interval_start = 0, 0.0, time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -405,7 +445,6 @@ def train(config: TrainConfig, run_dir: str | Path, *, stop_after: int | None = 
         interval_tokens += result.tokens
         interval_flops += result.flops
         step_loss, finite = result.loss, result.finite
-        task_norm, total_norm = result.task_norm, result.total_norm
         if finite:
             bad_in_a_row = 0
         else:
@@ -418,31 +457,30 @@ def train(config: TrainConfig, run_dir: str | Path, *, stop_after: int | None = 
         summary.losses.append(step_loss)
         summary.last_step = step + 1
 
+        if pending is not None:  # the previous logging step's values: copied while this step ran
+            log.write(pending.record(), o.max_steps)
+            pending = None
         if (step + 1) % config.logging.every == 0 or step + 1 == end_step:
-            penalty = float(optimizer.last_penalty) if finite else float("nan")
-            ewc_norm = float(optimizer.last_ewc_grad_norm) if finite else float("nan")
-            grad_norm = float(task_norm)
             elapsed = time.perf_counter() - interval_start
-            record = {
-                "step": step + 1, "loss": step_loss, "ewc_penalty": penalty, "ewc_grad_norm": ewc_norm,
-                "grad_norm": grad_norm, "total_grad_norm": float(total_norm) if total_norm is not None else None,
-                "ewc_task_ratio": ewc_norm / grad_norm if grad_norm > 0 and ewc_info else None,
-                "lr": lr, "tokens_per_s": interval_tokens / elapsed,
-                "mfu": interval_flops / elapsed / (peak_flops * env.world_size),
-                "max_memory_gb": _max_memory_gb(device), "skipped": not finite,
-                "skipped_total": summary.skipped_steps,
-            }
-            drift = drift_record(optimizer) if finite else None
-            if drift is not None:
-                record["drift"] = drift
-            log.write(record, o.max_steps)
+            fields = {"step": step + 1, "loss": step_loss, "grad_norm": result.grad_norm,
+                      "total_grad_norm": result.total_grad_norm, "lr": lr,
+                      "tokens_per_s": interval_tokens / elapsed,
+                      "mfu": interval_flops / elapsed / (peak_flops * env.world_size),
+                      "max_memory_gb": _max_memory_gb(device), "skipped": not finite,
+                      "skipped_total": summary.skipped_steps}
+            pending = PendingRecord(fields, optimizer, finite=finite, with_ewc=bool(ewc_info), device=device)
             interval_tokens, interval_flops, interval_start = 0, 0.0, time.perf_counter()
         if step_hook is not None:
             step_hook(step + 1, model=model, optimizer=optimizer)
         every = config.checkpoint.every
         if every and (step + 1) % every == 0 and step + 1 != end_step:
+            if pending is not None:  # a resume from this checkpoint keeps only the records written before it
+                log.write(pending.record(), o.max_steps)
+                pending = None
             summary.checkpoint = save(step + 1)
             interval_start = time.perf_counter()  # checkpoint time is not training time
+    if pending is not None:
+        log.write(pending.record(), o.max_steps)
     if save_final and (summary.last_step > start_step or latest is None):
         summary.checkpoint = save(summary.last_step)
     log.close()
