@@ -35,10 +35,10 @@ from trainer.distributed import init_distributed, process_group_scope
 from trainer.dtypes import compute_dtype
 from trainer.flops import batch_flops_per_token, device_peak_flops, training_flops_per_token
 from trainer.hf import config_to_hf
-from trainer.memory import ActivationPlan, plan_activation_checkpointing
+from trainer.memory import ActivationPlan, choose_mode, plan_activation_checkpointing
 from trainer.model import Gemma2Config
 from trainer.optim import EWCAdamW
-from trainer.parallelize import AC_MODES, build_mesh, build_sharded_model
+from trainer.parallelize import AC_MODES, build_mesh, build_sharded_model, op_needs_compile
 from trainer.train import param_groups, train_step
 
 
@@ -162,11 +162,16 @@ def _run(args: argparse.Namespace) -> int:
     ours = {("gemma-ewc" if c or len(compiled) == 1 else "gemma-ewc eager"): c for c in compiled}
     impls = [*ours] + ([] if args.skip_transformers else ["transformers"])
     rows = []
+    modes: dict[str, str] = {}  # our impl -> the checkpointing it ran with
     for impl in impls:
         _free(device)
         if impl in ours:
+            mode = plan.mode
+            if mode == "op" and op_needs_compile(ParallelConfig(compile=ours[impl]), device.type, args.attention):
+                mode = choose_mode(plan, op_allowed=False)  # the eager rows: op would run FlexAttention unfused
+            modes[impl] = mode
             model = _our_model(config, device=device, dtype=dtype, attention=args.attention, compile=ours[impl],
-                               checkpointing=plan.mode)
+                               checkpointing=mode)
             flops = batch_flops_per_token(config, batch["position_ids"])
         else:
             model = _hf_model(config, device=device)
@@ -214,7 +219,8 @@ def _run(args: argparse.Namespace) -> int:
                 rows.append({"impl": impl, "ewc": ewc, "error": errors[ewc]})
                 continue
             median = statistics.median(samples[ewc])
-            rows.append({"impl": impl, "ewc": ewc, "compiled": ours.get(impl), "step_ms": 1e3 * median, "tokens_per_s": tokens / median,
+            rows.append({"impl": impl, "ewc": ewc, "compiled": ours.get(impl), "checkpointing": modes.get(impl),
+                         "step_ms": 1e3 * median, "tokens_per_s": tokens / median,
                          "mfu": tokens / median * flops / peak, "flops_per_token": flops,
                          "max_memory_gb": peak_gb.get(ewc), "step_s": samples[ewc]})
         steps.clear()
@@ -240,7 +246,7 @@ def _run(args: argparse.Namespace) -> int:
     if "tokens_per_s" in eager_on and "tokens_per_s" in ours_on:
         result["ours_ewc_compile_speedup"] = ours_on["tokens_per_s"] / eager_on["tokens_per_s"]
     print(f"activation checkpointing: {plan.describe()}")
-    print(format_table(rows, ["impl", "ewc", "compiled", "step_ms", "tokens_per_s", "mfu", "max_memory_gb",
+    print(format_table(rows, ["impl", "ewc", "compiled", "checkpointing", "step_ms", "tokens_per_s", "mfu", "max_memory_gb",
                               "speedup_vs_transformers", "ewc_overhead", "error"]))
     if args.out:
         write_results(args.out, result)

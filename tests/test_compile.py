@@ -125,3 +125,20 @@ def test_compiled_blocks_with_flex_attention_compile_once_for_all_layouts(seed):
             got = compiled(ids, position_ids=pos)
             assert (got - want).norm() <= 1e-5 * want.norm()
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+
+
+def test_every_batch_shape_keeps_compiled_blocks(seed, monkeypatch):
+    """All blocks share one code object, so shapes x block kinds fill ONE dynamo cache: 5 shapes are 10 graphs, past
+    dynamo's default limit of 8, after which blocks would silently run uncompiled. parallelize raises the limit."""
+    monkeypatch.setattr(torch.nn.Module, "compile", _compile_with("aot_eager"))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    config = small_config(num_layers=2)
+    torch._dynamo.reset()
+    counters.clear()
+    with process_group_scope():
+        init_distributed("cpu")
+        model = _build(config, compile=True, checkpointing="none", seed=seed)
+        for seq_len in (24, 32, 40, 48, 56):
+            _run(model, _layouts(config, seed, batches=1, seq_len=seq_len))
+    assert counters["stats"]["unique_graphs"] == 10
+    assert not counters["recompile_limit"] and not counters["graph_break"]

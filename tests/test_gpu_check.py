@@ -17,7 +17,8 @@ def test_gpu_check_dry_run_writes_results(tmp_path):
     payload = json.loads(json_file.read_text())
     assert [p["status"] for p in payload["parts"]] == ["ok"] * len(payload["parts"])
     # the headline (the training step) first, so that a budget running out skips the tests, never the headline
-    assert [p["part"] for p in payload["parts"]] == ["train-2b", "optimizer", "model-2b", "gpu-tests"]
+    assert [p["part"] for p in payload["parts"]] == ["train-2b", "optimizer", "model-2b", "gpu-tests",
+                                                     "train-2b-eager"]
     assert payload["git"] == "c0ffee1"  # the commit measured, also where the copy has no .git
     model = next(p for p in payload["parts"] if p["part"] == "model-2b")
     assert model["tokens_per_s"] > 0 and 0 < model["mfu"] < 1

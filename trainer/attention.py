@@ -154,8 +154,18 @@ def _make_softcap_score_mod(softcap: float):
 _softcap_score_mod = functools.lru_cache(maxsize=None)(_make_softcap_score_mod)
 
 
+def raise_recompile_limit(limit: int = 64) -> None:
+    """Let one compiled function hold `limit` graphs: every decoder block shares one code object (and the eager
+    flex_attention one compiled function), so each batch shape x block kind (sliding, global) x checkpointing class
+    x grad mode is an entry of ONE cache, and past dynamo's default of 8 the rest would silently run uncompiled."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_flex_attention():
+    raise_recompile_limit()
     return torch.compile(flex_attention, dynamic=False)
 
 

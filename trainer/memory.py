@@ -26,9 +26,10 @@ import gc
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from kernels.linear_cross_entropy import MAX_CHUNK_BYTES, chunk_bytes_per_row
-from trainer.attention import build_masks
+from trainer.attention import build_masks, resolve_backend
 from trainer.dtypes import DTYPES
 from trainer.model import DecoderLayer, Gemma2Config, rope_cos_sin
 from trainer.parallelize import apply_activation_checkpointing, op_needs_compile
@@ -89,7 +90,9 @@ def static_bytes(model: Gemma2Config, *, shard_size: int, param_dtype: torch.dty
     sharded = n * (4 + 4 + 8 + ewc_bytes_per_param) / shard_size  # params, grads, Adam moments, F and θ*
     gathered = (n if shard_size == 1 else embedding + 2 * block) * compute
     block_grads = block * (compute + 4)  # one block's unsharded gradient and its float32 reduction copy
-    lm_head = embedding * 4 + lm_head_chunk_bytes  # the float32 weight gradient and the chunk buffers
+    # The float32 weight gradient, and then the larger of the forward's chunk buffers and the backward's scaled
+    # float32 copy of it plus its cast to the parameter dtype (both alive with every activation).
+    lm_head = embedding * 4 + max(lm_head_chunk_bytes, embedding * (4 + compute))
     return sharded + gathered + block_grads + lm_head
 
 
@@ -115,16 +118,17 @@ def measure_block(model: Gemma2Config, *, device: torch.device, dtype: torch.dty
     masks = build_masks(position_ids, backend=attention_backend, sliding_window=model.sliding_window)
     rope = rope_cos_sin(position_ids, model.head_dim, model.rope_theta, dtype)
     out: dict[str, float] = {}
-    for mode in modes:
+    for mode in ("warm-up", *modes):  # the first forward's one-time allocations (cuBLAS workspace, kernels) unmeasured
         with torch.device(device):  # initialised where it runs (a 27B block is 0.6B parameters)
             holder = _OneBlock().to(dtype)
-        apply_activation_checkpointing(holder, mode)
+        apply_activation_checkpointing(holder, "none" if mode == "warm-up" else mode)
         x = torch.randn(batch_size, seq_len, model.hidden_size, device=device, dtype=dtype, requires_grad=True)
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         y = holder.layers[0](x, rope, masks)
         torch.cuda.synchronize(device)
-        out[mode] = float(torch.cuda.memory_allocated(device) - before)
+        if mode != "warm-up":
+            out[mode] = float(torch.cuda.memory_allocated(device) - before)
         del y, x, holder
         gc.collect()
         torch.cuda.empty_cache()
@@ -152,11 +156,17 @@ def plan_activation_checkpointing(config, model: Gemma2Config, *, device: torch.
     chunk = min(MAX_CHUNK_BYTES, rows * chunk_bytes_per_row(model.vocab_size, model.hidden_size,
                                                             compute_dtype=dtype, softcap=bool(model.final_softcap)))
     free, _ = torch.cuda.mem_get_info(device)
+    if dist.is_initialized() and dist.get_world_size() > 1:  # one decision for all ranks: the tightest one's
+        least = torch.tensor([free], dtype=torch.int64, device=device)
+        dist.all_reduce(least, op=dist.ReduceOp.MIN)
+        free = int(least.item())
     plan = ActivationPlan("none", requested, capacity=usable_fraction * free, num_layers=model.num_layers,
                           static=static_bytes(model, shard_size=shard_size, param_dtype=dtype,
                                               ewc_bytes_per_param=ewc_bytes, lm_head_chunk_bytes=chunk))
     plan.per_block = measure_block(model, device=device, dtype=dtype, attention_backend=config.model.attention,
                                    batch_size=config.data.batch_size, seq_len=config.data.seq_len)
-    plan.mode = choose_mode(plan, op_allowed=not op_needs_compile(config.parallel, device.type,
-                                                                    config.model.attention))
+    attention = resolve_backend(config.model.attention, device)
+    # op keeps the attention products' outputs: [S, S] scores under eager attention, which its count leaves out.
+    plan.mode = choose_mode(plan, op_allowed=attention != "eager" and not op_needs_compile(
+        config.parallel, device.type, config.model.attention))
     return plan

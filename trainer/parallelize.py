@@ -26,7 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from trainer.attention import resolve_backend
+from trainer.attention import raise_recompile_limit, resolve_backend
 from trainer.config import ParallelConfig
 from trainer.distributed import local_index, local_tensor
 from trainer.dtypes import DTYPES
@@ -156,6 +156,7 @@ def parallelize(model: Gemma2, config: ParallelConfig, *, mesh: DeviceMesh) -> G
                         "selective or full")
     apply_activation_checkpointing(model, "none" if mode == "auto" else mode)
     if compiles(config, mesh.device_type):
+        raise_recompile_limit()
         for layer in model.layers:
             # dynamic=False: a new batch shape is a new graph, never a symbolic-shape one (slower flex kernels).
             # One graph serves every document layout: the masks are inputs, not constants (tests/test_compile.py).
