@@ -131,11 +131,11 @@ def test_every_batch_shape_keeps_compiled_blocks(seed, monkeypatch):
     """All blocks share one code object, so shapes x block kinds fill ONE dynamo cache: 5 shapes are 10 graphs, past
     dynamo's default limit of 8, after which blocks would silently run uncompiled. parallelize raises the limit."""
     monkeypatch.setattr(torch.nn.Module, "compile", _compile_with("aot_eager"))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     config = small_config(num_layers=2)
     torch._dynamo.reset()
     counters.clear()
-    with process_group_scope():
+    # (monkeypatch would delete the config entry on undo: torch's config module needs its own patch)
+    with torch._dynamo.config.patch(recompile_limit=8), process_group_scope():
         init_distributed("cpu")
         model = _build(config, compile=True, checkpointing="none", seed=seed)
         for seq_len in (24, 32, 40, 48, 56):
