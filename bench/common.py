@@ -53,6 +53,43 @@ def time_fn(fn: Callable[[], object], *, device: torch.device | str = "cpu", war
     }
 
 
+class PhaseTimer:
+    """Time of named phases inside a timed function: CUDA events on a GPU (recorded around the call, read after the
+    measurement: no sync inside), host time elsewhere. `wrap(name, fn)` returns fn timed; `median_ms()` per name."""
+
+    def __init__(self, device: torch.device | str):
+        self.cuda = torch.device(device).type == "cuda"
+        self.spans: dict[str, list] = {}
+
+    def wrap(self, name: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn(*args, **kwargs)
+                end.record()
+                self.spans.setdefault(name, []).append((start, end))
+            else:
+                t0 = time.perf_counter()
+                out = fn(*args, **kwargs)
+                self.spans.setdefault(name, []).append(1e3 * (time.perf_counter() - t0))
+            return out
+
+        return timed
+
+    def reset(self) -> None:
+        self.spans.clear()
+
+    def median_ms(self) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+        def ms(span) -> float:
+            return span[0].elapsed_time(span[1]) if self.cuda else span
+
+        return {name: statistics.median(ms(span) for span in spans) for name, spans in self.spans.items() if spans}
+
+
 def git_revision() -> str | None:
     """The checkout's commit (with -dirty for uncommitted changes to tracked files); where the copy has no .git (the
     GPU machine gets a bare working tree), GEMMA_EWC_GIT names it."""

@@ -14,7 +14,9 @@ each with EWC off and on (λ = --lambda, random F ≥ 0, θ* = the initial weigh
 without the document boundaries (its eager attention has no packed masks), so its attention does at least as much
 work; MFU counts each side's own attention FLOPs. Reported: median step time (CPU: over alternating EWC off/on rounds),
 tokens/s, MFU, peak memory (CUDA, per configuration), and the ratios ours / transformers and EWC on / off.
-Ours runs as `gemma-ewc train` would: decoder blocks compiled by default on CUDA (--compile; "both" adds an
+Our rows also give the optimizer's phases (norms_ms: the clip's norm pass, update_ms: the fused step; CUDA events, no
+sync) and the result `ewc_extra_step_ms` against `ewc_extra_optimizer_ms`: how much of EWC's cost is the optimizer's
+extra bytes and how much lies elsewhere (memory pressure, the forward/backward). Ours runs as `gemma-ewc train` would: decoder blocks compiled by default on CUDA (--compile; "both" adds an
 uncompiled "gemma-ewc eager" pair of rows) and activation checkpointing chosen from memory (--activation-checkpointing
 auto, trainer/memory.py; the choice is reported).
 """
@@ -27,7 +29,7 @@ import statistics
 
 import torch
 
-from bench.common import format_table, machine_info, time_fn, write_results
+from bench.common import PhaseTimer, format_table, machine_info, time_fn, write_results
 from bench.model import COMPUTE_DTYPES, packed_batch
 from kernels.linear_cross_entropy import IGNORE_INDEX
 from trainer.config import ParallelConfig, TrainConfig
@@ -86,9 +88,12 @@ def _our_model(config: Gemma2Config, *, device, dtype, attention: str, compile: 
                                seed=0, attention_backend=attention)
 
 
-def _our_step(model, batch: dict, *, device, ewc: bool, lam: float):
+def _our_step(model, batch: dict, *, device, ewc: bool, lam: float, timer: PhaseTimer):
+    """The training step, with the optimizer's two phases timed: "norms" (clip_grad_norm_) and "update" (step)."""
     groups = param_groups(model, 0.01)
     optimizer = EWCAdamW(groups, lr=1e-5)
+    optimizer.clip_grad_norm_ = timer.wrap("norms", optimizer.clip_grad_norm_)
+    optimizer.step = timer.wrap("update", optimizer.step)
     if ewc:
         params = [p for g in groups for p in g["params"]]
         fisher = [torch.rand_like(p.to_local()) for p in params]
@@ -180,15 +185,17 @@ def _run(args: argparse.Namespace) -> int:
         # (clocks, neighbours) affect both alike; on a GPU (steady, but memory-bound for 2B+ models) one after the
         # other, so that only one optimizer's state exists at a time.
         steps, samples, errors, peak_gb = {}, {False: [], True: []}, {}, {}
+        timers = {ewc: PhaseTimer(device) for ewc in (False, True)}
 
         def prepare(ewc: bool) -> None:
             try:
                 if impl in ours:
-                    steps[ewc] = _our_step(model, batch, device=device, ewc=ewc, lam=args.lam)
+                    steps[ewc] = _our_step(model, batch, device=device, ewc=ewc, lam=args.lam, timer=timers[ewc])
                 else:
                     steps[ewc] = _hf_step(model, batch, device=device, dtype=dtype, ewc=ewc, lam=args.lam)
                 for _ in range(args.warmup):
                     steps[ewc]()
+                timers[ewc].reset()
             except torch.OutOfMemoryError as exc:
                 errors[ewc] = f"out of memory: {str(exc).splitlines()[0]}"
                 steps.pop(ewc, None)
@@ -219,8 +226,9 @@ def _run(args: argparse.Namespace) -> int:
                 rows.append({"impl": impl, "ewc": ewc, "error": errors[ewc]})
                 continue
             median = statistics.median(samples[ewc])
+            phases = timers[ewc].median_ms()
             rows.append({"impl": impl, "ewc": ewc, "compiled": ours.get(impl), "checkpointing": modes.get(impl),
-                         "step_ms": 1e3 * median, "tokens_per_s": tokens / median,
+                         "step_ms": 1e3 * median, "norms_ms": phases.get("norms"), "update_ms": phases.get("update"), "tokens_per_s": tokens / median,
                          "mfu": tokens / median * flops / peak, "flops_per_token": flops,
                          "max_memory_gb": peak_gb.get(ewc), "step_s": samples[ewc]})
         steps.clear()
@@ -242,11 +250,18 @@ def _run(args: argparse.Namespace) -> int:
     ours_on = by.get(("gemma-ewc", True), {})
     for key in ("tokens_per_s", "mfu", "max_memory_gb", "speedup_vs_transformers", "ewc_overhead"):
         result[f"ours_ewc_{key}"] = ours_on.get(key)
+    # Where EWC's cost goes: the whole step's extra time against the optimizer's (norm pass + update) extra time.
+    ours_off = by.get(("gemma-ewc", False), {})
+    if "step_ms" in ours_on and "step_ms" in ours_off:
+        result["ewc_extra_step_ms"] = ours_on["step_ms"] - ours_off["step_ms"]
+        if ours_on.get("update_ms") is not None and ours_off.get("update_ms") is not None:
+            result["ewc_extra_optimizer_ms"] = (ours_on["update_ms"] + ours_on["norms_ms"]
+                                                - ours_off["update_ms"] - ours_off["norms_ms"])
     eager_on = by.get(("gemma-ewc eager", True), {})
     if "tokens_per_s" in eager_on and "tokens_per_s" in ours_on:
         result["ours_ewc_compile_speedup"] = ours_on["tokens_per_s"] / eager_on["tokens_per_s"]
     print(f"activation checkpointing: {plan.describe()}")
-    print(format_table(rows, ["impl", "ewc", "compiled", "checkpointing", "step_ms", "tokens_per_s", "mfu", "max_memory_gb",
+    print(format_table(rows, ["impl", "ewc", "compiled", "checkpointing", "step_ms", "norms_ms", "update_ms", "tokens_per_s", "mfu", "max_memory_gb",
                               "speedup_vs_transformers", "ewc_overhead", "error"]))
     if args.out:
         write_results(args.out, result)
