@@ -47,7 +47,9 @@ from trainer.train import param_groups, train_step
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=1, help="rows per step")
+    p.add_argument("--batch-size", type=int, default=1, help="rows per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (both trainers; the optimizer's cost is shared by them)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", choices=COMPUTE_DTYPES, default=None, help="compute dtype (default bf16 on CUDA)")
     p.add_argument("--attention", default="auto", help="our attention backend (auto: flex on CUDA, eager on CPU)")
@@ -88,7 +90,7 @@ def _our_model(config: Gemma2Config, *, device, dtype, attention: str, compile: 
                                seed=0, attention_backend=attention)
 
 
-def _our_step(model, batch: dict, *, device, ewc: bool, lam: float, timer: PhaseTimer):
+def _our_step(model, batch: dict, *, device, ewc: bool, lam: float, timer: PhaseTimer, grad_accum: int):
     """The training step, with the optimizer's two phases timed: "norms" (clip_grad_norm_) and "update" (step)."""
     groups = param_groups(model, 0.01)
     optimizer = EWCAdamW(groups, lr=1e-5)
@@ -101,7 +103,7 @@ def _our_step(model, batch: dict, *, device, ewc: bool, lam: float, timer: Phase
         optimizer.set_ewc_state(fisher, anchor, lam)
 
     def step():
-        train_step(model, optimizer, [batch], device=device, world_size=1, clip=1.0, clip_mode="task")
+        train_step(model, optimizer, [batch] * grad_accum, device=device, world_size=1, clip=1.0, clip_mode="task")
 
     return step
 
@@ -117,7 +119,7 @@ def _hf_model(config: Gemma2Config, *, device):
         return Gemma2ForCausalLM(HFConfig(**raw, attn_implementation="eager")).train()
 
 
-def _hf_step(model, batch: dict, *, device, dtype, ewc: bool, lam: float):
+def _hf_step(model, batch: dict, *, device, dtype, ewc: bool, lam: float, grad_accum: int):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, fused=True)
     ids = batch["input_ids"].to(device)
     # transformers shifts labels itself: labels_hf[t + 1] = ours[t].
@@ -129,14 +131,15 @@ def _hf_step(model, batch: dict, *, device, dtype, ewc: bool, lam: float):
         anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(input_ids=ids, labels=labels).loss
-        if ewc:
-            penalty = 0.0
-            for name, p in model.named_parameters():  # the reference study's loop inside the loss
-                penalty = penalty + (fisher[name] * (p - anchor[name]) ** 2).sum()
-            loss = loss + lam / 2 * penalty
-        loss.backward()
+        for _ in range(grad_accum):  # HF Trainer's accumulation: the loss (and its EWC loop) per micro-batch
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss = model(input_ids=ids, labels=labels).loss
+            if ewc:
+                penalty = 0.0
+                for name, p in model.named_parameters():  # the reference study's loop inside the loss
+                    penalty = penalty + (fisher[name] * (p - anchor[name]) ** 2).sum()
+                loss = loss + lam / 2 * penalty
+            (loss / grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -160,7 +163,7 @@ def _run(args: argparse.Namespace) -> int:
     labels[torch.roll(pos, -1, dims=1) == 0] = IGNORE_INDEX  # never predict the next document's first token
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
     peak, peak_source = device_peak_flops(str(device), dtype)
-    tokens = args.batch_size * args.seq_len
+    tokens = args.batch_size * args.seq_len * args.grad_accum  # per optimizer step
     plan = _activation_plan(args, config, device=device, dtype=dtype)
     default_compile = device.type == "cuda"
     compiled = {"auto": [default_compile], "on": [True], "off": [False], "both": [True, False]}[args.compile]
@@ -190,9 +193,11 @@ def _run(args: argparse.Namespace) -> int:
         def prepare(ewc: bool) -> None:
             try:
                 if impl in ours:
-                    steps[ewc] = _our_step(model, batch, device=device, ewc=ewc, lam=args.lam, timer=timers[ewc])
+                    steps[ewc] = _our_step(model, batch, device=device, ewc=ewc, lam=args.lam, timer=timers[ewc],
+                                           grad_accum=args.grad_accum)
                 else:
-                    steps[ewc] = _hf_step(model, batch, device=device, dtype=dtype, ewc=ewc, lam=args.lam)
+                    steps[ewc] = _hf_step(model, batch, device=device, dtype=dtype, ewc=ewc, lam=args.lam,
+                                          grad_accum=args.grad_accum)
                 for _ in range(args.warmup):
                     steps[ewc]()
                 timers[ewc].reset()
@@ -245,7 +250,9 @@ def _run(args: argparse.Namespace) -> int:
         r["ewc_overhead"] = (off["tokens_per_s"] / r["tokens_per_s"]) if "tokens_per_s" in off else None
     result = {"benchmark": "train", "device": str(device), "preset": args.preset, "dtype": str(dtype),
               "seq_len": args.seq_len, "batch_size": args.batch_size, "mean_doc_len": args.mean_doc_len,
-              "lambda": args.lam, "activation_checkpointing": plan.describe(), "peak_flops": peak, "peak_flops_source": peak_source, "rows": rows,
+              "grad_accum": args.grad_accum, "tokens_per_step": tokens, "lambda": args.lam,
+              "activation_checkpointing": plan.describe(), "peak_flops": peak, "peak_flops_source": peak_source,
+              "rows": rows,
               "machine": machine_info(device)}
     ours_on = by.get(("gemma-ewc", True), {})
     for key in ("tokens_per_s", "mfu", "max_memory_gb", "speedup_vs_transformers", "ewc_overhead"):
