@@ -1,7 +1,7 @@
 """Activation checkpointing chosen from memory: the least recomputation whose training step fits the device.
 
-    plan = plan_activation_checkpointing(config, device=device, world_size=4)
-    plan.mode, plan.describe()      # "none", "auto: none (estimated 61.2 of 139.8 GiB; op 48.1, ...)"
+    plan = plan_activation_checkpointing(train_config, model_shape, device=device, shard_size=8)
+    plan.mode, plan.describe()      # "none", "auto: none (estimated 61.2 of 125.8 GiB usable; op 48.1, ...)"
 
 Recomputation costs time (a checkpointed block runs its forward twice), so a run should checkpoint only what its
 memory forces it to. The estimate per rank is
@@ -84,7 +84,7 @@ def static_bytes(model: Gemma2Config, *, shard_size: int, param_dtype: torch.dty
     """Bytes per rank that do not depend on the checkpointing mode (see the module docstring)."""
     n = model.num_parameters()
     h, v = model.hidden_size, model.vocab_size
-    compute = torch.empty((), dtype=param_dtype).element_size()
+    compute = param_dtype.itemsize
     embedding = v * h
     block = (n - embedding - h) / model.num_layers
     sharded = n * (4 + 4 + 8 + ewc_bytes_per_param) / shard_size  # params, grads, Adam moments, F and θ*
