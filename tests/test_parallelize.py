@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 import copy
 import dataclasses
 
@@ -183,3 +184,86 @@ def test_hsdp_and_pretrained_shard_by_shard_loading(tmp_path):
     for name, p in source.named_parameters():
         assert torch.equal(reference[2][name], p)
     _compare(results, reference)
+
+
+MICRO_BATCHES, ACCUM_STEPS = 3, 2
+
+
+def _accumulate(rank, world_size, param_dtype, whole_allowed, seed):
+    """ACCUM_STEPS train_steps of MICRO_BATCHES micro-batches each. Per step: how many block forwards found the
+    block's parameters sharded (each such forward gathers them) and how many forwards found a sharded gradient
+    already there (a reduce after an earlier micro-batch); then the losses and the full weights."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from trainer.optim import EWCAdamW
+    from trainer.train import param_groups, train_step
+
+    if not whole_allowed:  # FSDP2's own default: reshard and reduce after every backward
+        FSDPModule.set_reshard_after_backward = lambda self, *args, **kwargs: None
+        FSDPModule.set_requires_gradient_sync = lambda self, *args, **kwargs: None
+    config = small_config(num_layers=2)
+    parallel = ParallelConfig(param_dtype=param_dtype, reduce_dtype="float32")
+    model = build_sharded_model(config, parallel, mesh=build_mesh(parallel, device_type="cpu"), device="cpu",
+                                seed=3, attention_backend="eager")
+    optimizer = EWCAdamW(param_groups(model, 0.01), lr=1e-3)
+    sharded_entries, reduced_entries = [], []
+    for layer in model.layers:
+        # prepend: runs before FSDP2's own pre-forward hook, which gathers whatever is sharded
+        layer.register_forward_pre_hook(
+            lambda module, args: sharded_entries.append(isinstance(next(module.parameters()), DTensor)),
+            prepend=True)
+    shards = [p for group in optimizer.param_groups for p in group["params"]]  # the sharded parameters
+    model.register_forward_pre_hook(
+        lambda module, args: reduced_entries.append(any(p.grad is not None for p in shards)), prepend=True)
+    g = torch.Generator().manual_seed(seed)
+    rows = 2 * world_size
+    losses, gathers, reduces = [], [], []
+    for _ in range(ACCUM_STEPS):
+        micro = []
+        for _ in range(MICRO_BATCHES):
+            ids = torch.randint(0, config.vocab_size, (rows, 16), generator=g)
+            labels = torch.randint(0, config.vocab_size, (rows, 16), generator=g)
+            part = slice(rank * 2, rank * 2 + 2)
+            micro.append({"input_ids": ids[part], "labels": labels[part],
+                          "position_ids": torch.arange(16).expand(2, 16).contiguous()})
+        sharded_entries.clear()
+        reduced_entries.clear()
+        result = train_step(model, optimizer, micro, device=torch.device("cpu"), world_size=world_size, clip=1.0,
+                            clip_mode="task")
+        assert result.finite
+        losses.append(result.loss)
+        gathers.append(sum(sharded_entries))
+        reduces.append(sum(reduced_entries))
+    # Between steps every parameter is sharded again (the optimizer stepped the shards; nothing stale is kept).
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    weights = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
+    return losses, gathers, reduces, weights
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_one_rank_gathers_and_reduces_once_per_step_and_trains_the_same(param_dtype, seed):
+    """With every parameter whole on its rank, train_step keeps the gathered compute-dtype parameters and the
+    unreduced float32 gradient sum from one micro-batch to the next: each block gathers once per step instead of
+    once per micro-batch and the gradients are reduced after the last only, bit for bit the same training as
+    FSDP2's default (the same casts of the same shards, the same float32 sums in the same order)."""
+    layers = small_config(num_layers=2).num_layers
+    (whole,) = run_distributed(_accumulate, world_size=1, args=(param_dtype, True, seed))
+    (plain,) = run_distributed(_accumulate, world_size=1, args=(param_dtype, False, seed))
+    assert whole[1] == [layers] * ACCUM_STEPS
+    assert plain[1] == [layers * MICRO_BATCHES] * ACCUM_STEPS
+    assert whole[2] == [0] * ACCUM_STEPS
+    assert plain[2] == [MICRO_BATCHES - 1] * ACCUM_STEPS
+    assert whole[0] == plain[0]
+    for name, value in plain[3].items():
+        assert torch.equal(whole[3][name], value), name
+
+
+def test_sharded_ranks_gather_and_reduce_for_every_micro_batch(seed):
+    """Split over two ranks, keeping gathered parameters or unreduced gradients would hold a whole model per rank:
+    not done."""
+    layers = small_config(num_layers=2).num_layers
+    for losses, gathers, reduces, _ in run_distributed(_accumulate, world_size=2, args=("float32", True, seed)):
+        assert gathers == [layers * MICRO_BATCHES] * ACCUM_STEPS
+        assert reduces == [MICRO_BATCHES - 1] * ACCUM_STEPS
+        assert all(math.isfinite(loss) for loss in losses)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from trainer.attention import raise_recompile_limit, resolve_backend
@@ -172,6 +173,13 @@ def parallelize(model: Gemma2, config: ParallelConfig, *, mesh: DeviceMesh) -> G
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=sharded and i < n - 1)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def shard_group_size(param: torch.Tensor) -> int:
+    """Ranks `param` is split over: the last (dp_shard) dimension of its FSDP2 mesh; 1 for a plain tensor. Pass a
+    sharded parameter as the optimizer holds it: a module's registered parameter is the gathered one while FSDP2
+    keeps it unsharded."""
+    return param.device_mesh.size(param.device_mesh.ndim - 1) if isinstance(param, DTensor) else 1
 
 
 def build_sharded_model(model_config: Gemma2Config, parallel_config: ParallelConfig, *, mesh: DeviceMesh,

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from kernels.linear_cross_entropy import IGNORE_INDEX
 from trainer.checkpoint import load_newest_checkpoint, save_checkpoint
@@ -41,7 +42,7 @@ from trainer.hf import HFCheckpoint, config_to_hf
 from trainer.memory import ActivationPlan, plan_activation_checkpointing
 from trainer.model import Gemma2, Gemma2Config
 from trainer.optim import EWCAdamW, lr_at, set_lr
-from trainer.parallelize import build_mesh, build_sharded_model, compiles
+from trainer.parallelize import build_mesh, build_sharded_model, compiles, shard_group_size
 
 
 class TrainingError(RuntimeError):
@@ -269,7 +270,16 @@ def train_step(model, optimizer, micro_batches: list[dict], *, device: torch.dev
     `defer_replica_all_reduce` (HSDP): gradients are reduce-scattered within the shard group after every
     micro-batch (into the float32 sharded gradient, so no memory and no precision is lost) but all-reduced across
     replicas (the nodes) only after the last. Plain FSDP reduce-scatters after every micro-batch: deferring that
-    would keep a whole unsharded gradient per rank, accumulated in the compute dtype.
+    would keep a whole unsharded float32 gradient per rank.
+
+    Where each parameter is whole on its rank (one GPU, or HSDP with dp_shard = 1), sharding has nothing to save
+    between micro-batches, so FSDP2 is told not to pay for it until the last: the gathered compute-dtype parameters
+    are kept instead of being freed after each backward and cast and copied again by the next forward, and the
+    gradients are summed in float32 where autograd leaves them instead of each micro-batch's being copied into a
+    reduce buffer, copied out and added to the sharded gradient. The same float32 sums in the same order, no more
+    memory (the gathered copy is alive through every forward and backward anyway, and a whole gradient is the
+    shard). With 4 micro-batches that is about 70 B fewer moved per parameter and step (read from torch 2.13's
+    FSDP2 at world size 1: 3 gathers of 10 B, and 40 B of copies and adds), 180 GB for 2B.
 
     Host syncs: the forward, the backward and the optimizer step run without one; the step waits for the device
     once, after the backward, to read the loss and the gradient norm together (the non-finite guard needs them
@@ -284,15 +294,30 @@ def train_step(model, optimizer, micro_batches: list[dict], *, device: torch.dev
     scale = world_size / scored.clamp(min=1.0)
     loss_sum = torch.zeros((), device=device)
     tokens, flops = 0, 0.0
-    for i, (batch, moved) in enumerate(zip(micro_batches, on_device)):
-        if defer_replica_all_reduce:
-            model.set_requires_all_reduce(i == len(micro_batches) - 1)
-        ids = moved["input_ids"]
-        loss = model(ids, position_ids=moved["position_ids"], labels=moved["labels"])
-        (loss * scale).backward()
-        loss_sum += loss.detach()
-        tokens += ids.numel() * world_size
-        flops += batch_flops_per_token(model.config, batch["position_ids"]) * ids.numel() * world_size
+    whole = (len(micro_batches) > 1 and isinstance(model, FSDPModule)
+             and shard_group_size(optimizer.param_groups[0]["params"][0]) == 1)
+    try:
+        for i, (batch, moved) in enumerate(zip(micro_batches, on_device)):
+            last = i == len(micro_batches) - 1
+            if defer_replica_all_reduce:
+                model.set_requires_all_reduce(last)
+            if whole:
+                model.set_reshard_after_backward(last)
+                model.set_requires_gradient_sync(last)
+            ids = moved["input_ids"]
+            loss = model(ids, position_ids=moved["position_ids"], labels=moved["labels"])
+            (loss * scale).backward()
+            loss_sum += loss.detach()
+            tokens += ids.numel() * world_size
+            flops += batch_flops_per_token(model.config, batch["position_ids"]) * ids.numel() * world_size
+    except BaseException:
+        if whole:  # leave the model as FSDP2 would: sharded, resharding and reducing after every backward
+            model.set_reshard_after_backward(True)
+            model.set_requires_gradient_sync(True)
+            for module in model.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+        raise
     dist.all_reduce(loss_sum)
     task_norm, total_norm = optimizer.clip_grad_norm_(clip or None, mode=clip_mode)
     read = [(loss_sum / scored.clamp(min=1.0)).double(), task_norm.to(device=loss_sum.device, dtype=torch.float64)]
