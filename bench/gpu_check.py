@@ -81,6 +81,12 @@ def parts() -> list[Part]:
              cli + ["bench", "model", "--preset", "tiny", "--seq-len", "128", "--device", "cpu", "--steps", "1",
                     "--out", "{out}"],
              150, ["tokens_per_s", "mfu", "max_memory_gb", "logits_rel_err_vs_float32"]),
+        Part("loss-2b", "gemma2-2b LM-head loss, 4096 rows: Triton chunk kernel vs torch composition vs materialised",
+             cli + ["bench", "loss", "--preset", "gemma2-2b", "--rows", "4096", "--device", "cuda", "--out", "{out}"],
+             cli + ["bench", "loss", "--preset", "tiny", "--rows", "64", "--device", "cpu", "--repeat", "1",
+                    "--warmup", "1", "--out", "{out}"],
+             60, ["fused_ms", "composition_ms", "fused_speedup_vs_composition", "fused_speedup_vs_materialised",
+                  "fused_grad_weight_rel_diff"]),
         Part("gpu-tests", "GPU-marked tests (compiled Triton, CUDA model checks)",
              # --tb=short and no captured DEBUG logs: a failure's assertion and its seed fit in the log tail.
              [PY, "-m", "pytest", "-q", "-m", "gpu", "tests", "-p", "no:cacheprovider", "-p", "no:logging",

@@ -30,7 +30,11 @@ One chunk of n rows, in place wherever possible (A = the float32 accumulation dt
     dL/dW += g^T @ h                  accumulated in A in place (see GEMMs)
 
 which differs from the definition only by float rounding (exp(x - shift)/s vs exp(x - lse); the target entry's
-e - s before the scaling). The soft-cap's derivative needs t after the softmax has overwritten the logits, which
+e - s before the scaling). On CUDA the steps between the two GEMMs (the soft-cap, the loss and the gradient of the
+logits) run instead as one Triton kernel in two passes over z (kernels/softcap_cross_entropy_triton.py: 14 B per
+element of the chunk where the composition above moves 66 B, and no second [n, V] float32 buffer), once it has
+passed its check against the reference on the device (`fused_chunk_kernel`); the composition remains for CPU,
+float64, and any device where the kernel cannot run. The soft-cap's derivative needs t after the softmax has overwritten the logits, which
 is why e is a second buffer rather than a clone of t: t stays in z, and 1 - t² is never materialised.
 
 GEMMs. The compute dtype C is autocast's where autocast is on (the casts are then done once per call, and autocast
@@ -79,6 +83,7 @@ exp 4+4, sum 4, ·r 4+4, t² 4+4, e - e·t² into bf16 8+2. Without a soft-cap: 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -115,24 +120,29 @@ def default_chunk_rows(vocab_size: int, *, budget_bytes: int = 1 << 29) -> int:
 
 
 def chunk_bytes_per_row(vocab_size: int, hidden_size: int, *, compute_dtype: torch.dtype,
-                        softcap: bool) -> int:
+                        softcap: bool, fused: bool = False) -> int:
     """Peak bytes that one row of a chunk needs in `_LinearCrossEntropy.forward`, counted from the code.
 
     [n, V]: z (accumulation dtype A), e (A, soft-cap only; without it e is z), the gradient in the compute dtype C
     when C is not A (else it is written into e), or the C logits before their cast to A (GEMMs without an A
-    output), whichever phase is larger. [n, H]: h cast to A (the float32-operand dW path). Exact for the CUDA
-    out_dtype path; an upper bound for the float32-operand path, whose gradient is written into e.
+    output), whichever phase is larger. `fused` (the Triton chunk kernel): z and the gradient (C, or A when C is
+    A), no e. [n, H]: h cast to A (the float32-operand dW path). Exact for the CUDA out_dtype path; an upper bound
+    for the float32-operand path, whose gradient is written into e.
     """
     acc = torch.promote_types(compute_dtype, torch.float32).itemsize
     c = compute_dtype.itemsize
     grad = c if c != acc else 0
     logits_phase = acc + (c if c != acc else 0)  # C logits + their A copy (no A-output GEMM)
-    grad_phase = (2 * acc if softcap else acc) + grad
+    if fused:
+        grad_phase = acc + c
+    else:
+        grad_phase = (2 * acc if softcap else acc) + grad
     return vocab_size * max(logits_phase, grad_phase) + acc * hidden_size
 
 
 def chunk_rows_for_memory(free_bytes: int, vocab_size: int, hidden_size: int, *, compute_dtype: torch.dtype,
-                          softcap: bool, n_rows: int | None = None, fraction: float = FREE_MEMORY_FRACTION,
+                          softcap: bool, fused: bool = False, n_rows: int | None = None,
+                          fraction: float = FREE_MEMORY_FRACTION,
                           max_chunk_bytes: int = MAX_CHUNK_BYTES, max_rows: int = MAX_CHUNK_ROWS,
                           multiple: int = ROW_MULTIPLE) -> int:
     """Rows per chunk for `free_bytes` of free device memory (a pure function: the CUDA default, testable anywhere).
@@ -143,7 +153,8 @@ def chunk_rows_for_memory(free_bytes: int, vocab_size: int, hidden_size: int, *,
     as `rows` needs, each ceil(n_rows / chunks) rows (rounded up to the multiple, never above `rows`), so that the
     last chunk is not a sliver that costs a full dW pass on its own.
     """
-    per_row = chunk_bytes_per_row(vocab_size, hidden_size, compute_dtype=compute_dtype, softcap=softcap)
+    per_row = chunk_bytes_per_row(vocab_size, hidden_size, compute_dtype=compute_dtype, softcap=softcap,
+                                  fused=fused)
     budget = min(int(max(free_bytes, 0) * fraction), max_chunk_bytes)
     rows = max(1, min(max_rows, budget // per_row))
     if rows >= multiple:
@@ -157,14 +168,66 @@ def chunk_rows_for_memory(free_bytes: int, vocab_size: int, hidden_size: int, *,
     return rows
 
 
-def _auto_chunk_rows(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> int:
+def _auto_chunk_rows(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None, *,
+                     fused: bool = False) -> int:
     """The default rows per chunk: a fixed budget on CPU, from the free memory on CUDA (see the module doc)."""
     if hidden.device.type != "cuda":
         return default_chunk_rows(weight.shape[0])
     free, _ = torch.cuda.mem_get_info(hidden.device)
     cached = torch.cuda.memory_reserved(hidden.device) - torch.cuda.memory_allocated(hidden.device)
     return chunk_rows_for_memory(free + cached, weight.shape[0], weight.shape[1], compute_dtype=hidden.dtype,
-                                 softcap=bool(softcap), n_rows=hidden.shape[0])
+                                 softcap=bool(softcap), fused=fused, n_rows=hidden.shape[0])
+
+
+# --- the fused chunk kernel (Triton) -----------------------------------------------------------------------------
+
+_FUSED: dict[str, bool] = {}
+
+
+def fused_chunk_kernel(device: torch.device | str) -> bool:
+    """Whether the chunks' softmax and gradient run in the Triton kernel of kernels/softcap_cross_entropy_triton.py
+    on `device` (CUDA with triton, or Triton's interpreter in tests): checked once per device against the
+    reference on a small case with and without a cap. A kernel that fails to build or disagrees is not used, with
+    a warning that says why: the torch composition below stays correct, only slower."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = str(device)
+    if key not in _FUSED:
+        _FUSED[key] = _probe_fused(device)
+    return _FUSED[key]
+
+
+def fused_softcap_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None,
+                                grad: torch.Tensor | None) -> torch.Tensor:
+    """The Triton chunk kernel (imported here, on first use: CPU paths never import triton)."""
+    from kernels.softcap_cross_entropy_triton import softcap_cross_entropy
+
+    return softcap_cross_entropy(logits, labels, softcap, grad)
+
+
+def _probe_fused(device: torch.device) -> bool:
+    from kernels import softcap_cross_entropy_triton as fused
+
+    if not fused.runs_on(device):
+        return False
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(5, 1000, generator=g) * 40).to(device)
+    labels = torch.tensor([3, -100, 999, 0, 500], device=device)
+    try:
+        for cap in (None, 30.0, 50.0):
+            grad = torch.empty(logits.shape, dtype=torch.float32, device=device)
+            loss = fused_softcap_cross_entropy(logits, labels, cap, grad)
+            want_loss, want_grad = fused.softcap_cross_entropy_ref(logits, labels, cap)
+            if not (torch.allclose(loss.cpu(), want_loss.cpu(), rtol=1e-4, atol=1e-4)
+                    and torch.allclose(grad.cpu(), want_grad.cpu(), rtol=1e-3, atol=1e-5)):
+                raise RuntimeError(f"cap {cap}: loss {loss.tolist()} vs {want_loss.tolist()}, max gradient error "
+                                   f"{(grad.cpu() - want_grad.cpu()).abs().max().item():.3g}")
+    except Exception as exc:  # noqa: BLE001 -- any failure to build or run means: keep the torch composition
+        warnings.warn(f"linear_cross_entropy: the Triton chunk kernel failed its check on {device} ({exc!r}); "
+                      f"using the torch composition (correct, about 4x the memory traffic per chunk)")
+        return False
+    return True
 
 
 # --- GEMMs with a float32 output from bf16/fp16 operands -------------------------------------------------------
@@ -271,6 +334,44 @@ def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
+def _chunk_loss_and_grad(z: torch.Tensor, y: torch.Tensor, cap: float | None,
+                         grad_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The torch composition for one chunk (the module doc's steps; `z` is overwritten): the summed loss of its
+    scored rows and, unless `grad_dtype` is None, dL/d(hW^T) in `grad_dtype`."""
+    scored = (y != IGNORE_INDEX)[:, None]
+    target = y.clamp(min=0)[:, None]
+    if cap:
+        z.div_(cap).tanh_()  # t, kept in z for the derivative
+        target_logit = z.gather(1, target).mul_(cap)
+        if cap <= SHIFT_BY_CAP_MAX:
+            shift = torch.full((1, 1), cap, dtype=z.dtype, device=z.device)
+        else:
+            shift = z.amax(1, keepdim=True).mul_(cap)
+        e = torch.add(shift.neg(), z, alpha=cap).exp_()  # exp(cap·t - shift), a second buffer
+    else:
+        target_logit = z.gather(1, target)
+        shift = z.amax(1, keepdim=True)
+        e = z.sub_(shift).exp_()  # in place of the logits: z is not needed again
+    s = e.sum(1, keepdim=True)
+    lse = shift + s.log()
+    loss = torch.where(scored, lse - target_logit, 0.0).sum()
+    if grad_dtype is None:
+        return loss, None
+    # dL/dlogits = (e - s·onehot(y)) · r, r = 1/s on scored rows, 0 elsewhere: (softmax - onehot) · mask.
+    e.scatter_add_(1, target, -(s * scored))
+    r = scored / s
+    if cap:
+        e.mul_(r)
+        z.square_()  # t²
+        grad = e if grad_dtype == e.dtype else torch.empty_like(e, dtype=grad_dtype)
+        torch.addcmul(e, e, z, value=-1.0, out=grad)  # e · (1 - t²), in grad_dtype
+    elif grad_dtype != e.dtype:
+        grad = torch.mul(e, r, out=torch.empty_like(e, dtype=grad_dtype))
+    else:
+        grad = e.mul_(r)
+    return loss, grad
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, softcap, chunk_rows):
@@ -298,51 +399,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=acc, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_h else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        fused = acc == torch.float32 and fused_chunk_kernel(hidden.device)
         if chunk_rows is None:
-            chunk_rows = _auto_chunk_rows(hidden, weight, softcap)
+            chunk_rows = _auto_chunk_rows(hidden, weight, softcap, fused=fused)
         cap = abs(softcap) if softcap else None  # cap·tanh(x/cap) is even in cap: sign flips are exact
         for start in range(0, n_rows, chunk_rows):
             h = hidden[start:start + chunk_rows]
             y = labels[start:start + chunk_rows]
-            scored = (y != IGNORE_INDEX)[:, None]
-            target = y.clamp(min=0)[:, None]
             if plan.logits_out_dtype:
                 z = torch.mm(h, weight.t(), out_dtype=acc)  # [n, V]
             else:
                 z = (h @ weight.t()).to(acc)
-            if cap:
-                z.div_(cap).tanh_()  # t, kept in z for the derivative
-                target_logit = z.gather(1, target).mul_(cap)
-                if cap <= SHIFT_BY_CAP_MAX:
-                    shift = torch.full((1, 1), cap, dtype=acc, device=z.device)
-                else:
-                    shift = z.amax(1, keepdim=True).mul_(cap)
-                e = torch.add(shift.neg(), z, alpha=cap).exp_()  # exp(cap·t - shift), a second buffer
-            else:
-                target_logit = z.gather(1, target)
-                shift = z.amax(1, keepdim=True)
-                e = z.sub_(shift).exp_()  # in place of the logits: z is not needed again
-                del z
-            s = e.sum(1, keepdim=True)
-            lse = shift + s.log()
-            loss += torch.where(scored, lse - target_logit, 0.0).sum()
-            if not need_grad:
-                continue
-            # dL/dlogits = (e - s·onehot(y)) · r, r = 1/s on scored rows, 0 elsewhere: (softmax - onehot) · mask.
-            e.scatter_add_(1, target, -(s * scored))
-            r = scored / s
-            if cap:
-                e.mul_(r)
-                z.square_()  # t²
-                grad = torch.empty_like(e, dtype=hidden.dtype) if out_c else e
-                torch.addcmul(e, e, z, value=-1.0, out=grad)  # e · (1 - t²), in the compute dtype when out_c
-                del z
-            elif out_c:
-                grad = torch.mul(e, r, out=torch.empty_like(e, dtype=hidden.dtype))
-            else:
-                grad = e.mul_(r)
-            del e
             # grad: in the compute dtype (out_c) or in A (SAME_DTYPE, FLOAT32_OPERANDS: cast for dL/dh only).
+            grad_dtype = (hidden.dtype if out_c else acc) if need_grad else None
+            if fused:
+                grad = torch.empty_like(z, dtype=grad_dtype) if need_grad else None
+                loss += fused_softcap_cross_entropy(z, y, cap, grad).sum()
+            else:
+                chunk_loss, grad = _chunk_loss_and_grad(z, y, cap, grad_dtype)
+                loss += chunk_loss
+            del z
             if need_h:
                 torch.mm(grad.to(hidden.dtype), weight, out=grad_hidden[start:start + chunk_rows])
             if need_w:

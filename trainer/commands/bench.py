@@ -1,4 +1,4 @@
-"""`gemma-ewc bench {optimizer,train,data,model} [...]`: side-by-side benchmarks, JSON + table.
+"""`gemma-ewc bench {optimizer,train,data,model,loss} [...]`: side-by-side benchmarks, JSON + table.
 
 Each benchmark is a module bench/<name>.py with `configure(parser)` and `run(args) -> int`, imported only when
 chosen; its options are parsed here by a parser of the router's class (one-line errors, exit code 2).
@@ -14,6 +14,7 @@ BENCHMARKS = {
     "optimizer": "fused EWC-AdamW step vs torch AdamW, the reference study's loss penalty, foreach composition",
     "train": "training tokens/s, MFU and memory: our trainer vs transformers with loss-based EWC",
     "data": "tokenization and packing/loading throughput vs raw SentencePiece and memory copy",
+    "loss": "LM-head loss forward + backward: the Triton chunk kernel vs the torch composition vs materialised logits",
 }
 
 
