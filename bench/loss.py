@@ -15,6 +15,7 @@ composition's. Where the kernel cannot run (CPU without the interpreter) its row
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 import torch
@@ -49,25 +50,6 @@ def _inputs(config: Gemma2Config, rows: int, *, device, dtype):
     return hidden, weight, labels.to(device)
 
 
-class _Kernel:
-    """Switch linear_cross_entropy's chunk kernel off (composition) or leave it as the device decides."""
-
-    def __init__(self, device: torch.device, on: bool):
-        self.key, self.on = str(device if device.index is not None or device.type != "cuda"
-                                    else torch.device("cuda", torch.cuda.current_device())), on
-
-    def __enter__(self):
-        self.saved = lce._FUSED.get(self.key)
-        if not self.on:
-            lce._FUSED[self.key] = False
-
-    def __exit__(self, *exc):
-        if self.saved is None:
-            lce._FUSED.pop(self.key, None)
-        else:
-            lce._FUSED[self.key] = self.saved
-
-
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     dtype = compute_dtype(args.dtype, device)
@@ -78,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"bench loss: unknown variants {sorted(unknown)}; choose from {VARIANTS}")
     hidden, weight, labels = _inputs(config, args.rows, device=device, dtype=dtype)
-    fused_available = lce.fused_chunk_kernel(device)
+    fused_available = lce.fused_chunk_kernel(device, vocab_size=config.vocab_size, softcap=cap,
+                                             grad_dtype=lce.chunk_grad_dtype(device, dtype))
 
     def step(fn):
         def once():
@@ -99,10 +82,11 @@ def run(args: argparse.Namespace) -> int:
             rows.append(row | {"status": "unavailable (needs CUDA with triton)"})
             continue
         fn = lce.linear_cross_entropy_ref if variant == "materialised" else chunked
-        with _Kernel(device, on=variant != "composition"):
+        with lce.torch_composition() if variant == "composition" else contextlib.nullcontext():
             if variant != "materialised":
+                grad_dtype = lce.chunk_grad_dtype(device, dtype) if variant == "fused" else None
                 row["chunk_rows"] = lce._auto_chunk_rows(hidden.detach(), weight.detach(), cap,
-                                                         fused=variant == "fused")
+                                                         fused_grad_dtype=grad_dtype)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             try:

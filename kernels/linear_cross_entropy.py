@@ -83,6 +83,8 @@ exp 4+4, sum 4, ·r 4+4, t² 4+4, e - e·t² into bf16 8+2. Without a soft-cap: 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -120,28 +122,29 @@ def default_chunk_rows(vocab_size: int, *, budget_bytes: int = 1 << 29) -> int:
 
 
 def chunk_bytes_per_row(vocab_size: int, hidden_size: int, *, compute_dtype: torch.dtype,
-                        softcap: bool, fused: bool = False) -> int:
+                        softcap: bool, fused_grad_dtype: torch.dtype | None = None) -> int:
     """Peak bytes that one row of a chunk needs in `_LinearCrossEntropy.forward`, counted from the code.
 
     [n, V]: z (accumulation dtype A), e (A, soft-cap only; without it e is z), the gradient in the compute dtype C
     when C is not A (else it is written into e), or the C logits before their cast to A (GEMMs without an A
-    output), whichever phase is larger. `fused` (the Triton chunk kernel): z and the gradient (C, or A when C is
-    A), no e. [n, H]: h cast to A (the float32-operand dW path). Exact for the CUDA out_dtype path; an upper bound
+    output), whichever phase is larger. With the Triton chunk kernel writing its gradient in `fused_grad_dtype`
+    G: z and the gradient, no e, then (G not C) the gradient and its C copy for dL/dh. [n, H]: h cast to A (the float32-operand dW path). Exact for the CUDA out_dtype path; an upper bound
     for the float32-operand path, whose gradient is written into e.
     """
     acc = torch.promote_types(compute_dtype, torch.float32).itemsize
     c = compute_dtype.itemsize
     grad = c if c != acc else 0
     logits_phase = acc + (c if c != acc else 0)  # C logits + their A copy (no A-output GEMM)
-    if fused:
-        grad_phase = acc + c
+    if fused_grad_dtype is not None:
+        g = fused_grad_dtype.itemsize
+        grad_phase = max(acc + g, g + (c if fused_grad_dtype != compute_dtype else 0))
     else:
         grad_phase = (2 * acc if softcap else acc) + grad
     return vocab_size * max(logits_phase, grad_phase) + acc * hidden_size
 
 
 def chunk_rows_for_memory(free_bytes: int, vocab_size: int, hidden_size: int, *, compute_dtype: torch.dtype,
-                          softcap: bool, fused: bool = False, n_rows: int | None = None,
+                          softcap: bool, fused_grad_dtype: torch.dtype | None = None, n_rows: int | None = None,
                           fraction: float = FREE_MEMORY_FRACTION,
                           max_chunk_bytes: int = MAX_CHUNK_BYTES, max_rows: int = MAX_CHUNK_ROWS,
                           multiple: int = ROW_MULTIPLE) -> int:
@@ -154,7 +157,7 @@ def chunk_rows_for_memory(free_bytes: int, vocab_size: int, hidden_size: int, *,
     last chunk is not a sliver that costs a full dW pass on its own.
     """
     per_row = chunk_bytes_per_row(vocab_size, hidden_size, compute_dtype=compute_dtype, softcap=softcap,
-                                  fused=fused)
+                                  fused_grad_dtype=fused_grad_dtype)
     budget = min(int(max(free_bytes, 0) * fraction), max_chunk_bytes)
     rows = max(1, min(max_rows, budget // per_row))
     if rows >= multiple:
@@ -169,32 +172,50 @@ def chunk_rows_for_memory(free_bytes: int, vocab_size: int, hidden_size: int, *,
 
 
 def _auto_chunk_rows(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None, *,
-                     fused: bool = False) -> int:
+                     fused_grad_dtype: torch.dtype | None = None) -> int:
     """The default rows per chunk: a fixed budget on CPU, from the free memory on CUDA (see the module doc)."""
     if hidden.device.type != "cuda":
         return default_chunk_rows(weight.shape[0])
     free, _ = torch.cuda.mem_get_info(hidden.device)
     cached = torch.cuda.memory_reserved(hidden.device) - torch.cuda.memory_allocated(hidden.device)
     return chunk_rows_for_memory(free + cached, weight.shape[0], weight.shape[1], compute_dtype=hidden.dtype,
-                                 softcap=bool(softcap), fused=fused, n_rows=hidden.shape[0])
+                                 softcap=bool(softcap), fused_grad_dtype=fused_grad_dtype, n_rows=hidden.shape[0])
 
 
 # --- the fused chunk kernel (Triton) -----------------------------------------------------------------------------
 
-_FUSED: dict[str, bool] = {}
+_FUSED: dict[tuple, bool] = {}
+_COMPOSITION_ONLY = False
 
 
-def fused_chunk_kernel(device: torch.device | str) -> bool:
-    """Whether the chunks' softmax and gradient run in the Triton kernel of kernels/softcap_cross_entropy_triton.py
-    on `device` (CUDA with triton, or Triton's interpreter in tests): checked once per device against the
-    reference on a small case with and without a cap. A kernel that fails to build or disagrees is not used, with
-    a warning that says why: the torch composition below stays correct, only slower."""
+@contextlib.contextmanager
+def torch_composition():
+    """Within: every chunk runs the torch composition, also where the Triton kernel would (`bench loss` compares
+    the two)."""
+    global _COMPOSITION_ONLY
+    saved, _COMPOSITION_ONLY = _COMPOSITION_ONLY, True
+    try:
+        yield
+    finally:
+        _COMPOSITION_ONLY = saved
+
+
+def fused_chunk_kernel(device: torch.device | str, *, vocab_size: int, softcap: float | None,
+                       grad_dtype: torch.dtype | None) -> bool:
+    """Whether a chunk's softmax and gradient run in the Triton kernel of kernels/softcap_cross_entropy_triton.py
+    on `device` (CUDA with triton, or Triton's interpreter in tests) for this vocabulary size, cap and gradient
+    dtype (None: the loss only). Each such combination is its own compiled variant of the kernel, so each is
+    built and checked once against the reference, on three rows of the real width, before first use. A variant
+    that fails to build or disagrees is not used, with a warning that says why: the torch composition stays
+    correct, only slower. Elsewhere (CPU) nothing is tried, and triton is not imported."""
     device = torch.device(device)
+    if _COMPOSITION_ONLY or (device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
+        return False
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    key = str(device)
+    key = (str(device), vocab_size, abs(softcap) if softcap else None, grad_dtype)
     if key not in _FUSED:
-        _FUSED[key] = _probe_fused(device)
+        _FUSED[key] = _probe_fused(device, *key[1:])
     return _FUSED[key]
 
 
@@ -206,26 +227,33 @@ def fused_softcap_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, soft
     return softcap_cross_entropy(logits, labels, softcap, grad)
 
 
-def _probe_fused(device: torch.device) -> bool:
-    from kernels import softcap_cross_entropy_triton as fused
-
-    if not fused.runs_on(device):
-        return False
-    g = torch.Generator().manual_seed(0)
-    logits = (torch.randn(5, 1000, generator=g) * 40).to(device)
-    labels = torch.tensor([3, -100, 999, 0, 500], device=device)
+def _probe_fused(device: torch.device, vocab_size: int, softcap: float | None,
+                 grad_dtype: torch.dtype | None) -> bool:
     try:
-        for cap in (None, 30.0, 50.0):
-            grad = torch.empty(logits.shape, dtype=torch.float32, device=device)
-            loss = fused_softcap_cross_entropy(logits, labels, cap, grad)
-            want_loss, want_grad = fused.softcap_cross_entropy_ref(logits, labels, cap)
-            if not (torch.allclose(loss.cpu(), want_loss.cpu(), rtol=1e-4, atol=1e-4)
-                    and torch.allclose(grad.cpu(), want_grad.cpu(), rtol=1e-3, atol=1e-5)):
-                raise RuntimeError(f"cap {cap}: loss {loss.tolist()} vs {want_loss.tolist()}, max gradient error "
-                                   f"{(grad.cpu() - want_grad.cpu()).abs().max().item():.3g}")
+        from kernels import softcap_cross_entropy_triton as fused
+
+        if not fused.runs_on(device):
+            return False
+        g = torch.Generator().manual_seed(0)
+        logits = (torch.randn(3, vocab_size, generator=g) * 40).to(device)
+        labels = torch.tensor([0, IGNORE_INDEX, vocab_size - 1], device=device)
+        grad = None if grad_dtype is None else torch.empty(logits.shape, dtype=grad_dtype, device=device)
+        loss = fused_softcap_cross_entropy(logits, labels, softcap, grad)
+        want_loss, want_grad = fused.softcap_cross_entropy_ref(logits, labels, softcap, grad_dtype and torch.float64)
+        problems = []
+        if not torch.allclose(loss.cpu().double(), want_loss.cpu().double(), rtol=1e-4, atol=1e-4):
+            problems.append(f"loss {loss.tolist()} where the reference gives {want_loss.tolist()}")
+        if grad is not None:
+            rtol = max(1e-4, 2 * torch.finfo(grad_dtype).eps)
+            if not torch.allclose(grad.cpu().double(), want_grad.cpu(), rtol=rtol, atol=1e-5):
+                err = (grad.cpu().double() - want_grad.cpu()).abs().max().item()
+                problems.append(f"gradient off by up to {err:.3g}")
+        if problems:
+            raise RuntimeError("; ".join(problems))
     except Exception as exc:  # noqa: BLE001 -- any failure to build or run means: keep the torch composition
-        warnings.warn(f"linear_cross_entropy: the Triton chunk kernel failed its check on {device} ({exc!r}); "
-                      f"using the torch composition (correct, about 4x the memory traffic per chunk)")
+        warnings.warn(f"linear_cross_entropy: the Triton chunk kernel failed its check on {device} (vocabulary "
+                      f"{vocab_size}, cap {softcap}, gradient {grad_dtype}): {exc!r}; using the torch "
+                      f"composition (correct, about 4x the memory traffic per chunk)")
         return False
     return True
 
@@ -324,6 +352,16 @@ def accumulate_weight_grad(plan: GemmPlan, grad_weight: torch.Tensor, grad: torc
         grad_weight.addmm_(grad.t().to(grad_weight.dtype), h.to(grad_weight.dtype))
 
 
+def chunk_grad_dtype(device: torch.device | str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a chunk's gradient dL/d(hW^T) for `dtype` GEMMs on `device`: the compute dtype where a
+    mixed-dtype GEMM accumulates it into the float32 dW; else the accumulation dtype A (SAME_DTYPE: that is the
+    compute dtype; FLOAT32_OPERANDS: dW uses it, dL/dh gets a cast)."""
+    plan = gemm_plan(device, dtype)
+    if plan.accumulate in (SAME_DTYPE, FLOAT32_OPERANDS):
+        return torch.promote_types(dtype, torch.float32)
+    return dtype
+
+
 def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The GEMMs' dtype: autocast's where it is on (as autocast would cast a matmul: float64 is left alone), else
     the promotion of the two input dtypes."""
@@ -393,15 +431,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_grad = need_h or need_w
         acc = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for float64 inputs
         plan = gemm_plan(hidden.device, hidden.dtype)
-        # The gradient goes straight into the compute dtype when a mixed-dtype GEMM accumulates it into A; else it
-        # stays in A (SAME_DTYPE: it is the compute dtype; FLOAT32_OPERANDS: dW uses it, dL/dh gets a cast).
-        out_c = plan.accumulate not in (SAME_DTYPE, FLOAT32_OPERANDS)
         loss = torch.zeros((), dtype=acc, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_h else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        fused = acc == torch.float32 and fused_chunk_kernel(hidden.device)
+        grad_dtype = chunk_grad_dtype(hidden.device, hidden.dtype) if need_grad else None
+        fused = acc == torch.float32 and fused_chunk_kernel(hidden.device, vocab_size=weight.shape[0],
+                                                            softcap=softcap, grad_dtype=grad_dtype)
         if chunk_rows is None:
-            chunk_rows = _auto_chunk_rows(hidden, weight, softcap, fused=fused)
+            chunk_rows = _auto_chunk_rows(hidden, weight, softcap, fused_grad_dtype=grad_dtype if fused else None)
         cap = abs(softcap) if softcap else None  # cap·tanh(x/cap) is even in cap: sign flips are exact
         for start in range(0, n_rows, chunk_rows):
             h = hidden[start:start + chunk_rows]
@@ -410,8 +447,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 z = torch.mm(h, weight.t(), out_dtype=acc)  # [n, V]
             else:
                 z = (h @ weight.t()).to(acc)
-            # grad: in the compute dtype (out_c) or in A (SAME_DTYPE, FLOAT32_OPERANDS: cast for dL/dh only).
-            grad_dtype = (hidden.dtype if out_c else acc) if need_grad else None
             if fused:
                 grad = torch.empty_like(z, dtype=grad_dtype) if need_grad else None
                 loss += fused_softcap_cross_entropy(z, y, cap, grad).sum()

@@ -3,7 +3,7 @@ kernels/linear_cross_entropy.py runs on CUDA between its two GEMMs, and its refe
 
     in   z [n, V] float32 logits (h @ W^T), labels [n] (-100: not scored), cap (None: no soft-cap)
          l = cap · tanh(z / cap)   (l = z without a cap),   t = tanh(z / cap)
-    out  loss [n] float32         logsumexp(l_i) - l_i[y_i];  0 where not scored
+    out  loss [n] float32         logsumexp(l_i) - l_i[y_i];  0 where not scored; NaN for a label outside [0, V)
          grad [n, V] (any float)  (softmax(l_i) - onehot(y_i)) · (1 - t²);  a zero row where not scored
 
 One program per row. Pass 1 reads the row once and keeps, per lane, the sum of exp(l - shift): shift = cap when
@@ -22,6 +22,8 @@ tests/test_softcap_cross_entropy_triton.py); the sm_90 build is checked by compi
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor
@@ -47,12 +49,14 @@ def softcap_cross_entropy_ref(logits: Tensor, labels: Tensor, softcap: float | N
         z = softcap * t
     lse = torch.logsumexp(z, dim=1)
     scored = labels != IGNORE_INDEX
-    target = labels.clamp(min=0)
-    loss = torch.where(scored, lse - z.gather(1, target[:, None])[:, 0], 0.0).float()
+    in_range = (labels >= 0) & (labels < z.shape[1])
+    target = torch.where(in_range, labels, 0)
+    target_logit = z.gather(1, target[:, None])[:, 0]
+    loss = torch.where(scored, torch.where(in_range, lse - target_logit, float("nan")), 0.0).float()
     if grad_dtype is None:
         return loss, None
     grad = torch.softmax(z, dim=1)
-    grad[torch.arange(len(labels)), target] -= 1.0
+    grad[torch.arange(len(labels))[in_range], target[in_range]] -= 1.0
     if softcap:
         grad *= 1.0 - t * t
     grad *= scored[:, None]
@@ -79,7 +83,8 @@ if triton is not None:
         z_row = z_ptr + row * VOCAB
         label = tl.load(labels_ptr + row)
         scored = label != _IGNORE
-        target = tl.maximum(label, 0)
+        in_range = (label >= 0) & (label < VOCAB)
+        target = tl.where(in_range, label, -1)  # -1: no column is the target
         lanes = tl.arange(0, BLOCK)
         inv_cap = 1.0 / cap  # one division per row, not one per element (unused without a cap)
 
@@ -111,12 +116,13 @@ if triton is not None:
             total = total * tl.exp(run_max - row_max)
             lse = row_max + tl.log(tl.sum(total, axis=0))
 
-        x_target = tl.load(z_row + target)
+        x_target = tl.load(z_row + tl.maximum(target, 0))
         if HAS_CAP:
             l_target = cap * _tanh(x_target * inv_cap)
         else:
             l_target = x_target
-        tl.store(loss_ptr + row, tl.where(scored, lse - l_target, 0.0))
+        # a scored label outside the vocabulary: NaN, which the trainer's non-finite guard reports and skips
+        tl.store(loss_ptr + row, tl.where(scored, tl.where(in_range, lse - l_target, float("nan")), 0.0))
 
         # Pass 2: (softmax - onehot) · (1 - t²), zero where the row is not scored.
         if WRITE_GRAD:
@@ -156,6 +162,7 @@ def softcap_cross_entropy(logits: Tensor, labels: Tensor, softcap: float | None,
     n, vocab = logits.shape
     if labels.shape != (n,):
         raise ValueError(f"labels shape {tuple(labels.shape)} must be ({n},)")
+    labels = labels.contiguous()
     if grad is not None and (grad.shape != logits.shape or not grad.is_contiguous()):
         raise ValueError(f"grad must be a contiguous {tuple(logits.shape)} tensor")
     cap = abs(float(softcap)) if softcap else 1.0  # without a cap the kernel never reads it
@@ -164,8 +171,10 @@ def softcap_cross_entropy(logits: Tensor, labels: Tensor, softcap: float | None,
         return loss
     if block is None:
         block = min(MAX_BLOCK, triton.next_power_of_2(vocab))
-    softcap_cross_entropy_kernel[(n,)](
-        logits, labels, loss, logits if grad is None else grad, cap, VOCAB=vocab,
-        HAS_CAP=bool(softcap), SHIFT_BY_CAP=bool(softcap) and cap <= SHIFT_BY_CAP_MAX, WRITE_GRAD=grad is not None, BLOCK=block,
-        num_warps=NUM_WARPS)
+    # Triton launches on the current CUDA device: make it the tensors' one
+    with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+        softcap_cross_entropy_kernel[(n,)](
+            logits, labels, loss, logits if grad is None else grad, cap, VOCAB=vocab,
+            HAS_CAP=bool(softcap), SHIFT_BY_CAP=bool(softcap) and cap <= SHIFT_BY_CAP_MAX,
+            WRITE_GRAD=grad is not None, BLOCK=block, num_warps=NUM_WARPS)
     return loss

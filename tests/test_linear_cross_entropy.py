@@ -230,12 +230,15 @@ def test_chunk_bytes_per_row_counts_the_buffers_of_the_code():
     assert chunk_bytes_per_row(v, h, compute_dtype=torch.float32, softcap=False) == 4 * v + 4 * h
     assert chunk_bytes_per_row(v, h, compute_dtype=torch.float64, softcap=True) == 16 * v + 8 * h
     # the Triton chunk kernel: z float32 and the gradient (bf16, or float32 for float32 inputs), no e
+    bf16, f32 = torch.bfloat16, torch.float32
     for softcap in (True, False):
-        assert chunk_bytes_per_row(v, h, compute_dtype=torch.bfloat16, softcap=softcap, fused=True) == 6 * v + 4 * h
-        assert chunk_bytes_per_row(v, h, compute_dtype=torch.float32, softcap=softcap, fused=True) == 8 * v + 4 * h
+        assert chunk_bytes_per_row(v, h, compute_dtype=bf16, softcap=softcap, fused_grad_dtype=bf16) == 6 * v + 4 * h
+        assert chunk_bytes_per_row(v, h, compute_dtype=f32, softcap=softcap, fused_grad_dtype=f32) == 8 * v + 4 * h
+        # bf16 GEMMs without a float32-output path: a float32 gradient, then its bf16 copy for dL/dh
+        assert chunk_bytes_per_row(v, h, compute_dtype=bf16, softcap=softcap, fused_grad_dtype=f32) == 8 * v + 4 * h
     # so 2B's 4096-token rows fit one chunk under the 8 GiB cap with the kernel (two without)
-    bf16 = torch.bfloat16
-    assert chunk_rows_for_memory(80 << 30, v, h, compute_dtype=bf16, softcap=True, fused=True, n_rows=4096) == 4096
+    assert chunk_rows_for_memory(80 << 30, v, h, compute_dtype=bf16, softcap=True, fused_grad_dtype=bf16,
+                                 n_rows=4096) == 4096
     assert chunk_rows_for_memory(80 << 30, v, h, compute_dtype=bf16, softcap=True, n_rows=4096) == 2048
 
 

@@ -267,3 +267,39 @@ def test_sharded_ranks_gather_and_reduce_for_every_micro_batch(seed):
         assert gathers == [layers * MICRO_BATCHES] * ACCUM_STEPS
         assert reduces == [MICRO_BATCHES - 1] * ACCUM_STEPS
         assert all(math.isfinite(loss) for loss in losses)
+
+
+def _step_after_a_failed_one(rank, world_size, param_dtype, fail, seed):
+    """One train_step of MICRO_BATCHES micro-batches on one rank, after (with `fail`) a step whose last
+    micro-batch raised in its forward, after the others had left their gradients unreduced."""
+    from trainer.optim import EWCAdamW
+    from trainer.train import param_groups, train_step
+
+    config = small_config(num_layers=2)
+    parallel = ParallelConfig(param_dtype=param_dtype, reduce_dtype="float32")
+    model = build_sharded_model(config, parallel, mesh=build_mesh(parallel, device_type="cpu"), device="cpu",
+                                seed=3, attention_backend="eager")
+    optimizer = EWCAdamW(param_groups(model, 0.01), lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    micro = [{"input_ids": torch.randint(0, config.vocab_size, (2, 16), generator=g),
+              "labels": torch.randint(0, config.vocab_size, (2, 16), generator=g),
+              "position_ids": torch.arange(16).expand(2, 16).contiguous()} for _ in range(MICRO_BATCHES)]
+    if fail:
+        bad = dict(micro[-1], labels=micro[-1]["labels"][:, :15])  # labels one position short: the loss raises
+        with pytest.raises(ValueError, match="labels shape"):
+            train_step(model, optimizer, micro[:-1] + [bad], device=torch.device("cpu"), world_size=1, clip=1.0,
+                       clip_mode="task")
+    result = train_step(model, optimizer, micro, device=torch.device("cpu"), world_size=1, clip=1.0,
+                        clip_mode="task")
+    return result.loss, result.grad_norm, {n: p.full_tensor().detach() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_a_failed_accumulating_step_leaves_nothing_behind(param_dtype, seed):
+    """A step that raises part-way (bench goes on after an out-of-memory error) must not leave the gradients its
+    first micro-batches kept unreduced: the next step is exactly the step a fresh model takes."""
+    (after_failure,) = run_distributed(_step_after_a_failed_one, world_size=1, args=(param_dtype, True, seed))
+    (fresh,) = run_distributed(_step_after_a_failed_one, world_size=1, args=(param_dtype, False, seed))
+    assert after_failure[:2] == fresh[:2]  # loss and gradient norm
+    for name, value in fresh[2].items():
+        assert torch.equal(after_failure[2][name], value), name

@@ -115,7 +115,8 @@ def test_kernel_without_rows_and_bad_inputs(device):
 def test_linear_cross_entropy_runs_the_kernel_per_chunk(seed, device, cap, monkeypatch):
     """linear_cross_entropy on a device where the kernel passes its check: one launch per chunk, loss and both
     gradients as the definition (float32: the same tolerances as tests/test_linear_cross_entropy.py)."""
-    assert lce.fused_chunk_kernel(device)
+    assert lce.fused_chunk_kernel(device, vocab_size=101, softcap=cap,
+                                  grad_dtype=lce.chunk_grad_dtype(device, torch.float32))
     calls = []
     original = K.softcap_cross_entropy
     monkeypatch.setattr(K, "softcap_cross_entropy", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
@@ -143,26 +144,64 @@ def test_linear_cross_entropy_runs_the_kernel_per_chunk(seed, device, cap, monke
 
 @needs_kernel
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_kernel_that_fails_its_check_is_not_used(device, monkeypatch):
+def test_labels_outside_the_vocabulary_give_nan(device):
+    """The torch composition would index out of bounds (a device-side assert on CUDA); the kernel returns NaN for
+    such a row, which the trainer's non-finite guard reports, and writes no one-hot anywhere."""
+    vocab = 50
+    logits = torch.randn(5, vocab).to(device)
+    labels = torch.tensor([vocab, -1, -100, 0, vocab - 1], device=device)
+    grad = torch.empty(logits.shape, device=device)
+    loss = K.softcap_cross_entropy(logits, labels, 30.0, grad, block=BLOCK)
+    want_loss, want_grad = K.softcap_cross_entropy_ref(logits, labels, 30.0, torch.float64)
+    assert loss[:2].isnan().all() and want_loss[:2].isnan().all()
+    assert loss[2] == 0 and torch.isfinite(loss[3:]).all()
+    torch.testing.assert_close(loss[2:].cpu(), want_loss[2:].cpu().float(), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(grad.cpu().double(), want_grad.cpu(), rtol=1e-5, atol=1e-5)
+    assert (grad[:2] > 0).all()  # softmax · (1 - t²) only: no target column
+
+
+@needs_kernel
+@pytest.mark.parametrize("device", DEVICES)
+def test_each_variant_is_checked_once_and_a_failing_one_is_not_used(device, monkeypatch):
+    """Every (vocabulary, cap, gradient dtype) is its own compiled variant: each is checked before first use,
+    once; one that disagrees with the reference or fails to build falls back to the composition, with a warning
+    that names it."""
     monkeypatch.setattr(lce, "_FUSED", {})
+    calls = []
+    original = K.softcap_cross_entropy
+    monkeypatch.setattr(K, "softcap_cross_entropy", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+    for _ in range(2):
+        assert lce.fused_chunk_kernel(device, vocab_size=77, softcap=30.0, grad_dtype=torch.bfloat16)
+        assert lce.fused_chunk_kernel(device, vocab_size=77, softcap=30.0, grad_dtype=None)
+    assert calls == [(3, 77), (3, 77)]  # one check per variant, on rows of the real width
+    with lce.torch_composition():
+        assert not lce.fused_chunk_kernel(device, vocab_size=77, softcap=30.0, grad_dtype=torch.bfloat16)
+
     monkeypatch.setattr(K, "softcap_cross_entropy", lambda logits, labels, cap, grad=None, **kw:
                         torch.zeros(logits.shape[0], device=logits.device))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert not lce.fused_chunk_kernel(device)
-    assert any("failed its check" in str(w.message) for w in caught)
+        assert not lce.fused_chunk_kernel(device, vocab_size=77, softcap=None, grad_dtype=torch.float32)
+    assert any("failed its check" in str(w.message) and "vocabulary 77" in str(w.message) for w in caught)
     monkeypatch.setattr(K, "softcap_cross_entropy", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no PTX")))
-    monkeypatch.setattr(lce, "_FUSED", {})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert not lce.fused_chunk_kernel(device)
+        assert not lce.fused_chunk_kernel(device, vocab_size=78, softcap=None, grad_dtype=torch.float32)
     assert any("no PTX" in str(w.message) for w in caught)
 
 
-def test_plain_cpu_keeps_the_torch_composition():
+def test_plain_cpu_keeps_the_torch_composition_without_importing_triton():
     if INTERPRETED:
         pytest.skip("this process runs Triton kernels on CPU tensors")
-    assert not lce.fused_chunk_kernel("cpu")
+    code = ("import sys, torch; from kernels.linear_cross_entropy import linear_cross_entropy as f, fused_chunk_kernel;"
+            "h = torch.randn(6, 8, requires_grad=True); f(h, torch.randn(11, 8), torch.arange(6), softcap=30.0)"
+            ".backward(); assert not fused_chunk_kernel('cpu', vocab_size=11, softcap=30.0, grad_dtype=torch.float32);"
+            "print('triton' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
 
 
 @pytest.mark.skipif(K.triton is None, reason="triton is not installed")

@@ -23,7 +23,7 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
@@ -180,6 +180,31 @@ def shard_group_size(param: torch.Tensor) -> int:
     sharded parameter as the optimizer holds it: a module's registered parameter is the gathered one while FSDP2
     keeps it unsharded."""
     return param.device_mesh.size(param.device_mesh.ndim - 1) if isinstance(param, DTensor) else 1
+
+
+def drop_unreduced_gradients(model: torch.nn.Module) -> None:
+    """Forget the gradients FSDP2 holds unreduced between micro-batches (`set_requires_gradient_sync(False)`) and
+    put the parameters back in their sharded state: after a step that failed part-way, the model is as if it had
+    not started. FSDP2 has no public call that drops them (its `reshard` frees the gathered parameters only, and
+    the next backward would add to what is left), so this clears its per-parameter fields, by the names torch has
+    used since 2.4."""
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        state = module._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:  # torch before the list: one group or none
+            group = getattr(state, "_fsdp_param_group", None)
+            groups = [] if group is None else [group]
+        for group in groups:
+            for fsdp_param in group.fsdp_params:
+                fsdp_param.unsharded_accumulated_grad = None
+                unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                if unsharded is not None:
+                    unsharded.grad = None
+        # A block whose forward raised stays gathered (FSDP2 keeps it for its backward): its values are the
+        # shards' (no step ran), and the next forward uses them as they are.
+        module.reshard()
 
 
 def build_sharded_model(model_config: Gemma2Config, parallel_config: ParallelConfig, *, mesh: DeviceMesh,

@@ -42,7 +42,8 @@ from trainer.hf import HFCheckpoint, config_to_hf
 from trainer.memory import ActivationPlan, plan_activation_checkpointing
 from trainer.model import Gemma2, Gemma2Config
 from trainer.optim import EWCAdamW, lr_at, set_lr
-from trainer.parallelize import build_mesh, build_sharded_model, compiles, shard_group_size
+from trainer.parallelize import (build_mesh, build_sharded_model, compiles, drop_unreduced_gradients,
+                                 shard_group_size)
 
 
 class TrainingError(RuntimeError):
@@ -311,12 +312,13 @@ def train_step(model, optimizer, micro_batches: list[dict], *, device: torch.dev
             tokens += ids.numel() * world_size
             flops += batch_flops_per_token(model.config, batch["position_ids"]) * ids.numel() * world_size
     except BaseException:
-        if whole:  # leave the model as FSDP2 would: sharded, resharding and reducing after every backward
+        # Leave the model and optimizer as before the step (a caller may go on: bench catches out-of-memory):
+        # FSDP2's default behaviour back, no unreduced or partly reduced gradient left to add to the next step's.
+        if whole:
             model.set_reshard_after_backward(True)
             model.set_requires_gradient_sync(True)
-            for module in model.modules():
-                if isinstance(module, FSDPModule):
-                    module.reshard()
+            drop_unreduced_gradients(model)
+        optimizer.zero_grad()
         raise
     dist.all_reduce(loss_sum)
     task_norm, total_norm = optimizer.clip_grad_norm_(clip or None, mode=clip_mode)
