@@ -142,3 +142,34 @@ def test_every_batch_shape_keeps_compiled_blocks(seed, monkeypatch):
             _run(model, _layouts(config, seed, batches=1, seq_len=seq_len))
     assert counters["stats"]["unique_graphs"] == 10
     assert not counters["recompile_limit"] and not counters["graph_break"]
+
+
+def test_accumulating_steps_keep_one_graph_per_kind_of_block(seed, monkeypatch):
+    """train_step with several micro-batches on one rank keeps the gathered parameters between them (the same
+    parameter objects enter the compiled blocks each time): no recompilation, and the same training as eager
+    blocks. aot_eager stands in for inductor: the graphs and guards are the ones inductor would get."""
+    from trainer.optim import EWCAdamW
+    from trainer.train import param_groups, train_step
+
+    monkeypatch.setattr(torch.nn.Module, "compile", _compile_with("aot_eager"))
+    config = small_config(num_layers=2)
+    layouts = _layouts(config, seed, batches=6)
+    steps = [[{"input_ids": ids, "labels": labels, "position_ids": pos} for ids, labels, pos in layouts[i:i + 3]]
+             for i in (0, 3)]
+    torch._dynamo.reset()
+    counters.clear()
+    results = {}
+    with process_group_scope():
+        init_distributed("cpu")
+        for compile in (False, True):
+            model = _build(config, compile=compile, checkpointing="none", seed=seed)
+            optimizer = EWCAdamW(param_groups(model, 0.01), lr=1e-3)
+            losses = [train_step(model, optimizer, micro, device=torch.device("cpu"), world_size=1, clip=1.0,
+                                 clip_mode="task").loss for micro in steps]
+            results[compile] = losses, [p.full_tensor().detach().clone() for p in model.parameters()]
+    assert counters["stats"]["unique_graphs"] == 2, "a micro-batch recompiled the blocks"
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    (losses_e, weights_e), (losses_c, weights_c) = results[False], results[True]
+    assert losses_c == pytest.approx(losses_e, rel=LOSS_RTOL)
+    for we, wc in zip(weights_e, weights_c):
+        assert (wc - we).norm() <= GRAD_REL_ERR * we.norm() + 1e-6
