@@ -464,7 +464,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
         gh = grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None
-        gw = (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None
+        gw = None
+        if grad_weight is not None:  # scaled in A and rounded once into the weight's dtype: one pass over [V, H]
+            gw = torch.mul(grad_weight, grad_loss, out=torch.empty_like(grad_weight, dtype=ctx.weight_dtype))
         return gh, gw, None, None, None
 
 
