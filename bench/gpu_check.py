@@ -86,7 +86,7 @@ def parts() -> list[Part]:
              cli + ["bench", "loss", "--preset", "tiny", "--rows", "64", "--device", "cpu", "--repeat", "1",
                     "--warmup", "1", "--out", "{out}"],
              60, ["fused_ms", "composition_ms", "fused_speedup_vs_composition", "fused_speedup_vs_materialised",
-                  "fused_grad_weight_rel_diff"]),
+                  "fused_grad_weight_rel_diff", "kernel_of_copy_bw"]),
         Part("gpu-tests", "GPU-marked tests (compiled Triton, CUDA model checks)",
              # --tb=short and no captured DEBUG logs: a failure's assertion and its seed fit in the log tail.
              [PY, "-m", "pytest", "-q", "-m", "gpu", "tests", "-p", "no:cacheprovider", "-p", "no:logging",

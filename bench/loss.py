@@ -9,7 +9,8 @@ its gradients with respect to the hidden states and the head's weight, as traini
 switched off: what CPU runs), "materialised" (kernels.linear_cross_entropy.linear_cross_entropy_ref under
 autograd: float32 logits of [rows, V], the plain way). Reports the median time, the head's GEMM throughput, the
 ratios, the chunk rows each chunked variant used, and how far the fused loss and gradients are from the
-composition's. Where the kernel cannot run (CPU without the interpreter) its row says so.
+composition's; then the kernel alone on one chunk as a share of copy bandwidth (against a cast of the same
+logits into the gradient's dtype). Where the kernel cannot run (CPU without the interpreter) its row says so.
 """
 
 from __future__ import annotations
@@ -48,6 +49,27 @@ def _inputs(config: Gemma2Config, rows: int, *, device, dtype):
     labels = torch.randint(0, config.vocab_size, (rows,), generator=g)
     labels[torch.rand(rows, generator=g) < 0.02] = lce.IGNORE_INDEX  # document starts in packed rows
     return hidden, weight, labels.to(device)
+
+
+def _kernel_bandwidth(args, config: Gemma2Config, *, device, dtype, cap) -> dict:
+    """The chunk kernel alone on one chunk of float32 logits, as a share of copy bandwidth: it reads the logits
+    twice and writes the gradient (4 + 4 + G B per element); the anchor casts the logits into the gradient's
+    dtype once (4 + G B), the least any pass that makes the gradient can move."""
+    from kernels.softcap_cross_entropy_triton import softcap_cross_entropy
+
+    grad_dtype = lce.chunk_grad_dtype(device, dtype)
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(args.rows, config.vocab_size, generator=g) * 40).to(device)
+    labels = torch.randint(0, config.vocab_size, (args.rows,), generator=g).to(device)
+    grad = torch.empty(logits.shape, dtype=grad_dtype, device=device)
+    kernel = time_fn(lambda: softcap_cross_entropy(logits, labels, cap, grad), device=device, warmup=args.warmup,
+                     repeat=args.repeat)
+    copy = time_fn(lambda: grad.copy_(logits), device=device, warmup=args.warmup, repeat=args.repeat)
+    n, g_size = logits.numel(), grad.element_size()
+    kernel_gb_s = n * (8 + g_size) / kernel["median_s"] / 1e9
+    copy_gb_s = n * (4 + g_size) / copy["median_s"] / 1e9
+    return {"kernel_ms": kernel["median_s"] * 1e3, "kernel_gb_s": kernel_gb_s, "copy_gb_s": copy_gb_s,
+            "kernel_of_copy_bw": kernel_gb_s / copy_gb_s}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
         result["fused_loss_rel_diff"] = (abs(la - lb) / abs(lb)).item()
         result["fused_grad_hidden_rel_diff"] = ((ha - hb).norm() / hb.norm()).item()
         result["fused_grad_weight_rel_diff"] = ((wa - wb).norm() / wb.norm()).item()
+    if fused_available and "fused" in variants:
+        result.update(_kernel_bandwidth(args, config, device=device, dtype=dtype, cap=cap))
     result["machine"] = machine_info(device)
     print(format_table(rows, ["variant", "status", "ms", "tokens_per_s", "gemm_tflops", "chunk_rows",
                               "max_memory_gb"]))
