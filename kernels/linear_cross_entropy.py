@@ -243,9 +243,9 @@ def _probe_fused(device: torch.device, vocab_size: int, softcap: float | None,
         problems = []
         if not torch.allclose(loss.cpu().double(), want_loss.cpu().double(), rtol=1e-4, atol=1e-4):
             problems.append(f"loss {loss.tolist()} where the reference gives {want_loss.tolist()}")
-        if grad is not None:
-            rtol = max(1e-4, 2 * torch.finfo(grad_dtype).eps)
-            if not torch.allclose(grad.cpu().double(), want_grad.cpu(), rtol=rtol, atol=1e-5):
+        if grad is not None:  # a kernel that works is within ~1e-4 (float32) or a rounding; a broken one is not
+            rtol = max(1e-3, 2 * torch.finfo(grad_dtype).eps)
+            if not torch.allclose(grad.cpu().double(), want_grad.cpu(), rtol=rtol, atol=1e-4):
                 err = (grad.cpu().double() - want_grad.cpu()).abs().max().item()
                 problems.append(f"gradient off by up to {err:.3g}")
         if problems:
