@@ -314,6 +314,8 @@ def train_step(model, optimizer, micro_batches: list[dict], *, device: torch.dev
     except BaseException:
         # Leave the model and optimizer as before the step (a caller may go on: bench catches out-of-memory):
         # FSDP2's default behaviour back, no unreduced or partly reduced gradient left to add to the next step's.
+        if defer_replica_all_reduce:
+            model.set_requires_all_reduce(True)
         if whole:
             model.set_reshard_after_backward(True)
             model.set_requires_gradient_sync(True)
