@@ -186,13 +186,15 @@ def test_hsdp_and_pretrained_shard_by_shard_loading(tmp_path):
     _compare(results, reference)
 
 
-MICRO_BATCHES, ACCUM_STEPS = 3, 2
+MICRO_BATCHES, ACCUM_STEPS, GLOBAL_ROWS = 3, 2, 4
 
 
-def _accumulate(rank, world_size, param_dtype, whole_allowed, seed):
-    """ACCUM_STEPS train_steps of MICRO_BATCHES micro-batches each. Per step: how many block forwards found the
-    block's parameters sharded (each such forward gathers them) and how many forwards found a sharded gradient
-    already there (a reduce after an earlier micro-batch); then the losses and the full weights."""
+def _accumulate(rank, world_size, param_dtype, whole_allowed, seed, replicate=False):
+    """ACCUM_STEPS train_steps of MICRO_BATCHES micro-batches each (GLOBAL_ROWS rows split over the ranks), on
+    plain FSDP or (`replicate`) HSDP with every rank a replica (dp_shard = 1). Per step: how many block forwards
+    found the block's parameters sharded (each such forward gathers them), how many forwards found a sharded
+    gradient already there (a reduce after an earlier micro-batch) and how many all-reduces crossed the replicas;
+    then the losses and the full weights."""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
@@ -203,11 +205,20 @@ def _accumulate(rank, world_size, param_dtype, whole_allowed, seed):
         FSDPModule.set_reshard_after_backward = lambda self, *args, **kwargs: None
         FSDPModule.set_requires_gradient_sync = lambda self, *args, **kwargs: None
     config = small_config(num_layers=2)
-    parallel = ParallelConfig(param_dtype=param_dtype, reduce_dtype="float32")
+    parallel = ParallelConfig(param_dtype=param_dtype, reduce_dtype="float32",
+                              **(dict(dp_replicate=world_size, dp_shard=1) if replicate else {}))
     model = build_sharded_model(config, parallel, mesh=build_mesh(parallel, device_type="cpu"), device="cpu",
                                 seed=3, attention_backend="eager")
     optimizer = EWCAdamW(param_groups(model, 0.01), lr=1e-3)
-    sharded_entries, reduced_entries = [], []
+    sharded_entries, reduced_entries, replica_all_reduces = [], [], []
+    original_all_reduce = dist.all_reduce
+
+    def counting_all_reduce(tensor, *args, group=None, **kwargs):
+        if group is not None:  # FSDP2's, across the replicas (train_step's own use the default group)
+            replica_all_reduces.append(1)
+        return original_all_reduce(tensor, *args, group=group, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
     for layer in model.layers:
         # prepend: runs before FSDP2's own pre-forward hook, which gathers whatever is sharded
         layer.register_forward_pre_hook(
@@ -217,28 +228,30 @@ def _accumulate(rank, world_size, param_dtype, whole_allowed, seed):
     model.register_forward_pre_hook(
         lambda module, args: reduced_entries.append(any(p.grad is not None for p in shards)), prepend=True)
     g = torch.Generator().manual_seed(seed)
-    rows = 2 * world_size
-    losses, gathers, reduces = [], [], []
+    part = slice(rank * GLOBAL_ROWS // world_size, (rank + 1) * GLOBAL_ROWS // world_size)
+    losses, gathers, reduces, all_reduces = [], [], [], []
     for _ in range(ACCUM_STEPS):
         micro = []
         for _ in range(MICRO_BATCHES):
-            ids = torch.randint(0, config.vocab_size, (rows, 16), generator=g)
-            labels = torch.randint(0, config.vocab_size, (rows, 16), generator=g)
-            part = slice(rank * 2, rank * 2 + 2)
+            ids = torch.randint(0, config.vocab_size, (GLOBAL_ROWS, 16), generator=g)
+            labels = torch.randint(0, config.vocab_size, (GLOBAL_ROWS, 16), generator=g)
             micro.append({"input_ids": ids[part], "labels": labels[part],
-                          "position_ids": torch.arange(16).expand(2, 16).contiguous()})
+                          "position_ids": torch.arange(16).expand(GLOBAL_ROWS // world_size, 16).contiguous()})
         sharded_entries.clear()
         reduced_entries.clear()
+        replica_all_reduces.clear()
         result = train_step(model, optimizer, micro, device=torch.device("cpu"), world_size=world_size, clip=1.0,
-                            clip_mode="task")
+                            clip_mode="task", defer_replica_all_reduce=replicate and world_size > 1)
         assert result.finite
         losses.append(result.loss)
         gathers.append(sum(sharded_entries))
         reduces.append(sum(reduced_entries))
+        all_reduces.append(len(replica_all_reduces))
+    dist.all_reduce = original_all_reduce
     # Between steps every parameter is sharded again (the optimizer stepped the shards; nothing stale is kept).
     assert all(isinstance(p, DTensor) for p in model.parameters())
     weights = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
-    return losses, gathers, reduces, weights
+    return losses, gathers, reduces, weights, all_reduces
 
 
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
@@ -263,7 +276,7 @@ def test_sharded_ranks_gather_and_reduce_for_every_micro_batch(seed):
     """Split over two ranks, keeping gathered parameters or unreduced gradients would hold a whole model per rank:
     not done."""
     layers = small_config(num_layers=2).num_layers
-    for losses, gathers, reduces, _ in run_distributed(_accumulate, world_size=2, args=("float32", True, seed)):
+    for losses, gathers, reduces, _, _ in run_distributed(_accumulate, world_size=2, args=("float32", True, seed)):
         assert gathers == [layers * MICRO_BATCHES] * ACCUM_STEPS
         assert reduces == [MICRO_BATCHES - 1] * ACCUM_STEPS
         assert all(math.isfinite(loss) for loss in losses)
@@ -303,3 +316,21 @@ def test_a_failed_accumulating_step_leaves_nothing_behind(param_dtype, seed):
     assert after_failure[:2] == fresh[:2]  # loss and gradient norm
     for name, value in fresh[2].items():
         assert torch.equal(after_failure[2][name], value), name
+
+
+def test_replicas_keep_gathered_parameters_and_all_reduce_once_per_step(seed):
+    """HSDP with dp_shard = 1 (every rank a whole replica, as DDP): the gathered parameters stay between
+    micro-batches and the gradients cross the replicas once per step and FSDP group, never per micro-batch; the
+    replicas stay identical and train as one process on the whole batch (to float32 rounding of the sums' order)."""
+    groups = 1 + small_config(num_layers=2).num_layers
+    (single,) = run_distributed(_accumulate, world_size=1, args=("float32", True, seed))
+    replicas = run_distributed(_accumulate, world_size=2, args=("float32", True, seed, True))
+    for losses, gathers, reduces, weights, all_reduces in replicas:
+        assert gathers == [groups - 1] * ACCUM_STEPS  # each block once per step
+        assert reduces == [0] * ACCUM_STEPS
+        assert all_reduces == [groups] * ACCUM_STEPS
+        assert losses == pytest.approx(single[0], rel=1e-5)
+        for name, value in single[3].items():
+            assert torch.equal(weights[name], replicas[0][3][name]), f"the replicas differ in {name}"
+            # Adam moves an element whose gradient is at rounding level by up to lr either way (tests/test_hsdp.py)
+            assert (weights[name] - value).abs().max().item() <= 0.1 * 1e-3, name
