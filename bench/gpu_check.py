@@ -69,7 +69,7 @@ def parts() -> list[Part]:
                     "--warmup", "1", "--grad-accum", "2", "--out", "{out}"],
              240, ["ours_ewc_tokens_per_s", "ours_ewc_mfu", "ours_ewc_max_memory_gb",
                    "ours_ewc_speedup_vs_transformers", "ours_ewc_ewc_overhead", "ewc_extra_step_ms",
-                   "ewc_extra_optimizer_ms", "activation_checkpointing"]),
+                   "ewc_extra_optimizer_ms", "activation_checkpointing", "lm_head_chunk_kernel"]),
         Part("optimizer", "fused EWC-AdamW step vs torch fused AdamW and the foreach composition (GB/s)",
              cli + ["bench", "optimizer", "--device", "cuda", "--out", "{out}"],
              cli + ["bench", "optimizer", "--device", "cpu", "--sizes", "1M", "--ewc-dtypes", "float32",

@@ -31,7 +31,7 @@ import torch
 
 from bench.common import PhaseTimer, format_table, machine_info, time_fn, write_results
 from bench.model import COMPUTE_DTYPES, packed_batch
-from kernels.linear_cross_entropy import IGNORE_INDEX
+from kernels.linear_cross_entropy import IGNORE_INDEX, chunk_grad_dtype, fused_chunk_kernel
 from trainer.config import ParallelConfig, TrainConfig
 from trainer.distributed import init_distributed, process_group_scope
 from trainer.dtypes import compute_dtype
@@ -252,6 +252,10 @@ def _run(args: argparse.Namespace) -> int:
               "seq_len": args.seq_len, "batch_size": args.batch_size, "mean_doc_len": args.mean_doc_len,
               "grad_accum": args.grad_accum, "tokens_per_step": tokens, "lambda": args.lam,
               "activation_checkpointing": plan.describe(), "peak_flops": peak, "peak_flops_source": peak_source,
+              # which LM-head path our steps ran: the Triton chunk kernel, or the torch composition
+              "lm_head_chunk_kernel": fused_chunk_kernel(device, vocab_size=config.vocab_size,
+                                                         softcap=config.final_softcap,
+                                                         grad_dtype=chunk_grad_dtype(device, dtype)),
               "rows": rows,
               "machine": machine_info(device)}
     ours_on = by.get(("gemma-ewc", True), {})
