@@ -166,6 +166,17 @@ def test_labels_outside_the_vocabulary_give_nan(device):
 
 @needs_kernel
 @pytest.mark.parametrize("device", DEVICES)
+def test_strided_labels(seed, device):
+    """Labels that are a strided view (a column of a [n, 2] tensor) are read as their values, not their storage."""
+    logits, labels = _case(7, 97, seed, device)
+    pairs = torch.stack([labels, labels.flip(0)], dim=1)
+    grad = torch.empty(logits.shape, device=device)
+    loss = K.softcap_cross_entropy(logits, pairs[:, 0], 30.0, grad, block=BLOCK)
+    _check(loss, grad, logits, labels, 30.0, torch.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("device", DEVICES)
 def test_each_variant_is_checked_once_and_a_failing_one_is_not_used(device, monkeypatch):
     """Every (vocabulary, cap, gradient dtype) is its own compiled variant: each is checked before first use,
     once; one that disagrees with the reference or fails to build falls back to the composition, with a warning
