@@ -183,9 +183,12 @@ def format_table(rows: Sequence[dict], columns: Sequence[str], *, floatfmt: str 
 
 
 def write_results(path: str | os.PathLike, payload: dict) -> Path:
-    """Write a benchmark's JSON (machine info added under "machine" when absent)."""
+    """Write a benchmark's JSON (machine info added under "machine" when absent), atomically: an interrupted write
+    leaves any previous file whole."""
+    from trainer.fileio import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload.setdefault("machine", machine_info(payload.get("device", "cpu")))
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path

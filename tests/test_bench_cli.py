@@ -46,3 +46,19 @@ def test_profile_writes_a_trace_and_the_kernel_table(tmp_path):
     step_row = next(r for r in rows["rows"] if r["name"].startswith("= fused"))
     assert step_row["GB_per_s"] > 0
     assert not (tmp_path / "p" / "checkpoints").exists()
+
+
+def test_bench_loss_keeps_an_existing_out_file_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "loss.json"
+    out.write_text('{"mine": 1}\n')
+    args = ["bench", "loss", "--preset", "tiny", "--rows", "16", "--device", "cpu", "--repeat", "1", "--warmup", "1",
+            "--out", str(out)]
+    assert main(args) == 2
+    assert out.read_text() == '{"mine": 1}\n'
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+    result = json.loads(out.read_text())
+    # no kernel on a plain CPU: the torch composition and the materialised logits, side by side
+    assert result["composition_ms"] > 0 and result["materialised_ms"] > 0
+    assert result["composition_speedup_vs_materialised"] > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["loss.json"]  # no temporary left behind

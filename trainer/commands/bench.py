@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from trainer.fileio import check_output
+
 BENCHMARKS = {
     "model": "forward + backward of a model preset on packed rows: tokens/s, MFU, memory, bf16 vs fp32 logits",
     "optimizer": "fused EWC-AdamW step vs torch AdamW, the reference study's loss penalty, foreach composition",
@@ -29,4 +31,8 @@ def run(args: argparse.Namespace) -> int:
     parser_class = type(args._parser) if hasattr(args, "_parser") else argparse.ArgumentParser
     sub = parser_class(prog=f"gemma-ewc bench {args.benchmark}", description=BENCHMARKS[args.benchmark])
     benchmark.configure(sub)
-    return int(benchmark.run(sub.parse_args(args.bench_args)) or 0)
+    sub.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    bench_args = sub.parse_args(args.bench_args)
+    if getattr(bench_args, "out", None):  # refused before the benchmark runs, not after minutes of it
+        check_output(bench_args.out, overwrite=bench_args.overwrite)
+    return int(benchmark.run(bench_args) or 0)
