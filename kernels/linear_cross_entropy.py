@@ -30,12 +30,14 @@ One chunk of n rows, in place wherever possible (A = the float32 accumulation dt
     dL/dW += g^T @ h                  accumulated in A in place (see GEMMs)
 
 which differs from the definition only by float rounding (exp(x - shift)/s vs exp(x - lse); the target entry's
-e - s before the scaling). On CUDA the steps between the two GEMMs (the soft-cap, the loss and the gradient of the
-logits) run instead as one Triton kernel in two passes over z (kernels/softcap_cross_entropy_triton.py: 14 B per
-element of the chunk where the composition above moves 66 B, and no second [n, V] float32 buffer), once it has
-passed its check against the reference on the device (`fused_chunk_kernel`); the composition remains for CPU,
-float64, and any device where the kernel cannot run. The soft-cap's derivative needs t after the softmax has overwritten the logits, which
+e - s before the scaling). The soft-cap's derivative needs t after the softmax has overwritten the logits, which
 is why e is a second buffer rather than a clone of t: t stays in z, and 1 - t² is never materialised.
+
+On CUDA the steps between the two GEMMs (the soft-cap, the loss and the gradient of the logits) run instead as one
+Triton kernel in two passes over z (kernels/softcap_cross_entropy_triton.py: 14 B per element of the chunk where
+the composition above moves 66 B, and no second [n, V] float32 buffer), each compiled variant once it has passed
+its check against the reference on the device (`fused_chunk_kernel`); the composition remains for CPU, float64,
+and any variant that fails its check.
 
 GEMMs. The compute dtype C is autocast's where autocast is on (the casts are then done once per call, and autocast
 is off inside), else the inputs'. C = bf16/fp16 with a float32 accumulator A: on CUDA
@@ -128,8 +130,9 @@ def chunk_bytes_per_row(vocab_size: int, hidden_size: int, *, compute_dtype: tor
     [n, V]: z (accumulation dtype A), e (A, soft-cap only; without it e is z), the gradient in the compute dtype C
     when C is not A (else it is written into e), or the C logits before their cast to A (GEMMs without an A
     output), whichever phase is larger. With the Triton chunk kernel writing its gradient in `fused_grad_dtype`
-    G: z and the gradient, no e, then (G not C) the gradient and its C copy for dL/dh. [n, H]: h cast to A (the float32-operand dW path). Exact for the CUDA out_dtype path; an upper bound
-    for the float32-operand path, whose gradient is written into e.
+    G: z and the gradient, no e, then (G not C) the gradient and its C copy for dL/dh. [n, H]: h cast to A (the
+    float32-operand dW path). Exact for the CUDA out_dtype path; an upper bound for the float32-operand path,
+    whose gradient is written into e.
     """
     acc = torch.promote_types(compute_dtype, torch.float32).itemsize
     c = compute_dtype.itemsize

@@ -32,11 +32,11 @@ DEVICES = [pytest.param("cpu", id="interpreter")] if INTERPRETED else [pytest.pa
 # with a partial last one. On the GPU the default block, and a row of Gemma2's vocabulary.
 BLOCK = 64 if INTERPRETED else None
 SIZES = [(1, 1), (3, 7), (5, 97), (4, 300)] + ([] if INTERPRETED else [(6, 256000), (33, 4099)])
-CAPS = [None, 30.0, 50.0]
+CAPS = [None, 30.0, 50.0]  # none; Gemma2's final cap (shift by cap); above SHIFT_BY_CAP_MAX (running max)
 # Relative error of a float32 softmax entry. The interpreter evaluates exp and division exactly rounded (numpy):
 # the logsumexp's rounding dominates, within an ulp of 2·cap (~4e-6). Compiled, Triton uses the GPU's approximate
 # ex2 and division (2 ulps each): tanh, and so each soft-capped logit cap·t, is a few ulps of cap off (~3e-5).
-SOFTMAX_RTOL = 1e-5 if INTERPRETED else 1e-4  # none; Gemma2's final cap (shift by cap); above SHIFT_BY_CAP_MAX (running maximum)
+SOFTMAX_RTOL = 1e-5 if INTERPRETED else 1e-4
 
 
 def _case(n: int, vocab: int, seed: int, device: str):
@@ -208,9 +208,11 @@ def test_each_variant_is_checked_once_and_a_failing_one_is_not_used(device, monk
 def test_plain_cpu_keeps_the_torch_composition_without_importing_triton():
     if INTERPRETED:
         pytest.skip("this process runs Triton kernels on CPU tensors")
-    code = ("import sys, torch; from kernels.linear_cross_entropy import linear_cross_entropy as f, fused_chunk_kernel;"
-            "h = torch.randn(6, 8, requires_grad=True); f(h, torch.randn(11, 8), torch.arange(6), softcap=30.0)"
-            ".backward(); assert not fused_chunk_kernel('cpu', vocab_size=11, softcap=30.0, grad_dtype=torch.float32);"
+    code = ("import sys, torch\n"
+            "from kernels.linear_cross_entropy import linear_cross_entropy as f, fused_chunk_kernel\n"
+            "h = torch.randn(6, 8, requires_grad=True)\n"
+            "f(h, torch.randn(11, 8), torch.arange(6), softcap=30.0).backward()\n"
+            "assert not fused_chunk_kernel('cpu', vocab_size=11, softcap=30.0, grad_dtype=torch.float32)\n"
             "print('triton' in sys.modules)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,

@@ -16,7 +16,7 @@ BENCHMARKS = {
     "optimizer": "fused EWC-AdamW step vs torch AdamW, the reference study's loss penalty, foreach composition",
     "train": "training tokens/s, MFU and memory: our trainer vs transformers with loss-based EWC",
     "data": "tokenization and packing/loading throughput vs raw SentencePiece and memory copy",
-    "loss": "LM-head loss forward + backward: the Triton chunk kernel vs the torch composition vs materialised logits",
+    "loss": "LM-head loss forward + backward: Triton chunk kernel vs torch composition vs materialised logits",
 }
 
 
